@@ -1,0 +1,215 @@
+"""The standalone command line: ``python -m embedding_trainer train|inspect|convert|demo|make-tiny-model``.
+
+Training flags are generated from ``TrainConfig``'s fields, so the CLI, the saved run config and (later) the
+WebUI and API accept the same names and values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import TrainConfig
+from ..errors import EmbeddingTrainerError
+from ..log import logger
+
+#: Options that are not TrainConfig fields (host-specific or CLI-only).
+_CLI_ONLY = {"model", "config", "command", "quiet"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training options (TrainConfig fields)")
+    for f in TrainConfig.fields():
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        help_text = meta["help"] + (f" (default: {f.default})" if f.default not in ("", None) else "")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        group.add_argument(
+            flag,
+            type=kind,
+            choices=meta.get("choices"),
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper() if not meta.get("choices") else None,
+            help=help_text,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m embedding_trainer", description="Textual-inversion training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an embedding on a diffusers-format model folder")
+    train.add_argument("--model", required=True, help="diffusers model folder (with model_index.json)")
+    train.add_argument("--config", help="JSON file of TrainConfig fields (flags given here override it)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+
+    inspect = sub.add_parser("inspect", help="describe an embedding file")
+    inspect.add_argument("file")
+
+    convert = sub.add_parser("convert", help="convert an embedding file between layouts (by the output suffix)")
+    convert.add_argument("input")
+    convert.add_argument("output", help="*.safetensors or *.pt (the WebUI's layout)")
+    convert.add_argument("--overwrite", action="store_true")
+
+    demo = sub.add_parser("demo", help="a short end-to-end run on generated images with a tiny model")
+    demo.add_argument("--out", default="demo-output", help="folder for the model, images and embedding")
+    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--overwrite", action="store_true", help="start over in an existing demo folder")
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight diffusers model (for trying things)")
+    tiny.add_argument("family", choices=("sd1", "sd2", "sdxl"))
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """``--config`` file (or the resumed run's config), then the flags given explicitly on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "resume", ""):
+        from ..trainer import find_state, load_state
+
+        values.update(json.loads(load_state(find_state(args.resume))[1]["config"]))
+    if args.config:
+        values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+    values.update({k: v for k, v in vars(args).items() if k not in _CLI_ONLY})
+    return TrainConfig.from_dict(values)
+
+
+class ProgressBar:
+    """One status line on stderr: bar, step, loss, rate and ETA."""
+
+    def __init__(self, stream: Any = sys.stderr, width: int = 24):
+        self.stream, self.width = stream, width
+        self.last = 0.0
+
+    def __call__(self, p: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and p.step < p.total_steps:
+            return
+        self.last = now
+        filled = int(self.width * p.step / p.total_steps)
+        eta = _duration(p.eta_s) if p.eta_s != float("inf") else "?"
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {p.step}/{p.total_steps} "
+            f"loss {p.loss:.4f} (avg {p.smoothed_loss:.4f}) lr {p.learning_rate:.2e} "
+            f"{p.it_per_s:.2f} it/s ETA {eta}  "
+        )
+        if p.step >= p.total_steps:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers print load bars and advice on every load; keep the terminal for our progress."""
+    import warnings
+
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def run_training(config: TrainConfig, model: str, show_progress: bool = True) -> Any:
+    """Load the model as the config asks and train; Ctrl-C stops cleanly (a second Ctrl-C aborts)."""
+    from ..hosts.diffusers_host import DiffusersHost
+    from ..trainer import COMPUTE_DTYPES, Callbacks, Trainer, resolve_device, resolve_precision
+
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    logger.info("loading %s on %s (%s)", model, device, precision)
+    host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
+    stop = {"asked": False}
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        logger.warning("\nstopping after this step and saving (Ctrl-C again to abort)")
+
+    callbacks = Callbacks(on_progress=ProgressBar() if show_progress else None, should_stop=lambda: stop["asked"])
+    trainer = Trainer(config, host, callbacks)
+    logger.info("%s", trainer.describe())
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    verb = "stopped" if result.stopped else "finished"
+    logger.info(
+        "%s after %d steps in %s, loss %.4f (avg %.4f)\nembedding: %s%s",
+        verb,
+        result.steps,
+        _duration(result.elapsed_s),
+        result.final_loss,
+        result.smoothed_loss,
+        result.embedding_path,
+        "".join(f"\n also:     {p}" for p in result.extra_paths),
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    _quiet_libraries()
+    try:
+        if args.command == "train":
+            run_training(config_from_args(args), args.model, show_progress=not args.quiet)
+        elif args.command == "inspect":
+            from ..embedding_file import format_inspection, inspect_embedding
+
+            print(format_inspection(inspect_embedding(args.file)))
+        elif args.command == "convert":
+            from ..embedding_file import convert_embedding
+
+            print(convert_embedding(args.input, args.output, overwrite=args.overwrite))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(Path(args.out), steps=args.steps, overwrite=args.overwrite)
+        elif args.command == "make-tiny-model":
+            from .tiny_models import save_tiny_model
+
+            print(save_tiny_model(args.family, args.out, seed=args.seed))
+    except EmbeddingTrainerError as error:
+        logger.error("error: %s", error)
+        return 2
+    except (OSError, json.JSONDecodeError) as error:
+        logger.error("error: %s", error)
+        return 2
+    finally:
+        logger.removeHandler(handler)
+    return 0

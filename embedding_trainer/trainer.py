@@ -1,0 +1,619 @@
+"""The training loop: trainable vectors + AdamW + the denoising loss, against any ``Host``.
+
+Randomness is derived from ``(seed, micro-batch index)`` rather than carried in generator state, so a run resumed
+from a save at step k draws exactly the data, noise and timesteps an uninterrupted run draws from step k on; a
+save therefore only needs the vectors, the optimiser state, the grad-scaler state and the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import TrainConfig
+from .dataset import RenderedSample, Sample, TrainingSet, scan_dataset
+from .embedding_file import EmbeddingData, load_embedding, save_embedding
+from .errors import ConfigError, EmbeddingFileError, TrainingError
+from .host import Host, ImageInfo
+from .initialization import random_vectors, vectors_from_text
+from .log import logger
+from .losses import add_noise, denoising_loss, min_snr_weights, prediction_target
+from .schedules import learning_rate_at, parse_learning_rate
+from .templates import PromptBuilder, load_template
+
+#: Fields that may differ between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "save_every", "keep_saves", "resume", "device", "overwrite", "output_dir", "write_pt",
+     "gradient_checkpointing"}
+)
+STATE_SUFFIX = ".state.safetensors"
+
+
+@dataclass
+class Progress:
+    step: int  # optimiser steps done in this run
+    total_steps: int
+    epoch: int
+    loss: float
+    smoothed_loss: float
+    learning_rate: float
+    it_per_s: float
+    eta_s: float
+    elapsed_s: float
+
+
+@dataclass
+class TrainResult:
+    embedding_path: Path
+    run_dir: Path
+    steps: int  # optimiser steps done in this run (resumed steps included)
+    embedding_step: int  # the step stored in the file (an init file's steps included)
+    final_loss: float
+    smoothed_loss: float
+    elapsed_s: float
+    stopped: bool
+    extra_paths: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Callbacks:
+    """Hooks a caller passes in. All are optional; exceptions raised in them stop the run."""
+
+    on_progress: Callable[[Progress], None] | None = None
+    on_status: Callable[[str], None] | None = None  # phases: "scanning", "encoding latents 3/20", ...
+    on_save: Callable[[Path, int], None] | None = None  # an embedding file written at a step
+    on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None  # after each step (previews)
+    should_stop: Callable[[], bool] | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError("device", f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{device!r} was asked for but torch sees no CUDA GPU; use cpu or auto")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` picks bf16 (or fp16 on GPUs without bf16) on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "precision", f"fp16 needs a CUDA GPU (its grad scaler is CUDA-only); on {device.type} use fp32 or bf16"
+        )
+    return precision
+
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _seeded(seed: int, purpose: str, index: int) -> int:
+    """A 63-bit seed for one purpose at one micro-batch, independent of any generator's history."""
+    digest = hashlib.blake2b(f"{seed}:{purpose}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class _CachedLatents:
+    mean: torch.Tensor
+    std: torch.Tensor  # zero unless latents are re-sampled every step
+    mask: torch.Tensor | None
+    info: ImageInfo
+
+
+class Trainer:
+    """One training run. ``Trainer(config, host, callbacks).run()`` returns a :class:`TrainResult`."""
+
+    def __init__(self, config: TrainConfig, host: Host, callbacks: Callbacks | None = None):
+        config.require_for_training()
+        self.config = config
+        self.host = host
+        self.callbacks = callbacks or Callbacks()
+        self.device = host.device
+        self.precision = resolve_precision(config.precision, self.device)
+        self.run_dir = Path(config.effective_run_dir)
+        self.output_path = Path(config.output_dir) / f"{config.name}.safetensors"
+        self.alphas_cumprod = host.alphas_cumprod()
+        num_timesteps = len(self.alphas_cumprod)
+        if config.timestep_max >= num_timesteps:
+            raise ConfigError(
+                "timestep_max", f"{config.timestep_max} is past the model's last timestep {num_timesteps - 1}"
+            )
+        self.lr_schedule = parse_learning_rate(config.learning_rate)
+        self.resolution = config.resolution or host.default_resolution
+        self._status("checking the prompt template")
+        self.prompts = PromptBuilder(
+            load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout
+        )
+        self._status(f"scanning {config.images}")
+        self.scan = scan_dataset(config.images, recursive=config.recursive, min_images=config.min_images)
+        self.data = TrainingSet(
+            self.scan.records,
+            resolution=self.resolution,
+            buckets=config.buckets,
+            crop=config.crop,
+            flip=config.flip,
+            repeats=config.repeats,
+            use_alpha_mask=config.use_alpha_mask,
+        )
+        self.batches_per_epoch = len(self.data.epoch(0, config.batch_size, config.seed))
+        self.start_step = 0
+        self.base_step = 0  # steps already stored in an init file
+        self.resume_state: dict[str, torch.Tensor] | None = None
+        self.vectors = self._initial_vectors()
+        self._check_outputs()
+        # Encoded latents per (image, flipped), kept on the device and reused across epochs.
+        self.cache: dict[tuple[int, bool], _CachedLatents] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _status(self, text: str) -> None:
+        logger.info(text)
+        if self.callbacks.on_status:
+            self.callbacks.on_status(text)
+
+    def _initial_vectors(self) -> dict[str, torch.Tensor]:
+        config = self.config
+        if config.resume:
+            state_path = find_state(config.resume)
+            tensors, meta = load_state(state_path)
+            saved = TrainConfig.from_dict(json.loads(meta["config"]))
+            for f in TrainConfig.fields():
+                if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name):
+                    raise ConfigError(
+                        f.name,
+                        f"{getattr(config, f.name)!r} differs from the run being resumed ({getattr(saved, f.name)!r} "
+                        f"in {state_path}); keep it, or start a new run without resume",
+                    )
+            self.start_step = int(meta["step"])
+            self.base_step = int(meta["base_step"])
+            if self.start_step >= config.max_steps:
+                raise ConfigError(
+                    "max_steps",
+                    f"the run in {state_path} already did {self.start_step} steps; raise max_steps to train more",
+                )
+            self.resume_state = tensors
+            self._resumed_from = state_path
+            return {e.key: tensors[f"vectors.{e.key}"].clone() for e in self.host.encoders}
+        if config.init_mode == "file":
+            data = load_embedding(config.init_file, self.host.encoders)
+            self.base_step = data.step
+            return {k: v.to(torch.float32).clone() for k, v in data.vectors.items()}
+        if config.init_mode == "random":
+            return random_vectors(self.host, config.num_vectors, config.seed)
+        return vectors_from_text(self.host, config.init_text, config.num_vectors)
+
+    def _check_outputs(self) -> None:
+        config = self.config
+        if self.output_path.exists() and not config.overwrite:
+            raise EmbeddingFileError(
+                f"{self.output_path} already exists; choose another name or output_dir, or set overwrite to replace it"
+            )
+        saves = self.run_dir / "saves"
+        if not config.resume and saves.is_dir() and any(saves.iterdir()):
+            if not config.overwrite:
+                raise ConfigError(
+                    "run_dir",
+                    f"{self.run_dir} holds a previous run; resume it (resume={self.run_dir}), choose another "
+                    "run_dir, or set overwrite to start over",
+                )
+            shutil.rmtree(saves)
+            (self.run_dir / "loss.csv").unlink(missing_ok=True)
+
+    @property
+    def num_vectors(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    def describe(self) -> str:
+        """The run header: what will happen, stated before it happens."""
+        c = self.config
+        widths = " + ".join(f"{e.key} {e.width}" for e in self.host.encoders)
+        size = f"{self.resolution}px" + (" with aspect buckets" if c.buckets else f", {c.crop} crop")
+        latents = (
+            f"cached ({c.latent_sampling})" if self.data.cacheable else "encoded every step (random crop)"
+        )
+        lr = c.learning_rate if self.lr_schedule.is_piecewise else f"{c.learning_rate} {c.lr_scheduler}"
+        lines = [
+            f"Training '{c.name}' on {self.host.model_name or 'the model'} ({self.host.family}, "
+            f"{self.host.prediction_type})",
+            f"  images:    {len(self.scan.records)} from {c.images}"
+            + (f" ({len(self.scan.problems)} skipped)" if self.scan.problems else "")
+            + f", x{c.repeats} repeats, {size}, latents {latents}",
+            f"  vectors:   {self.num_vectors} x ({widths}), init "
+            + (f"resumed at step {self.start_step}" if c.resume else c.init_mode),
+            f"  steps:     {c.max_steps} (from {self.start_step}), batch {c.batch_size} x {c.grad_accum} accumulation,"
+            f" {self.batches_per_epoch} batches per epoch",
+            f"  optimiser: AdamW lr {lr}" + (f", warm-up {c.lr_warmup_steps}" if c.lr_warmup_steps else ""),
+            f"  device:    {self.device}, {self.precision}"
+            + (", gradient checkpointing" if c.gradient_checkpointing else ""),
+            f"  output:    {self.output_path} (run folder {self.run_dir})",
+        ]
+        for problem in self.scan.problems:
+            lines.append(f"  skipped:   {problem.path}: {problem.message}")
+        return "\n".join(lines)
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def _encode(self, rendered: list[RenderedSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([r.pixels for r in rendered]).to(self.device)
+        with torch.no_grad():
+            return self.host.encode_images(pixels)
+
+    def _latent_mask(self, rendered: RenderedSample, latent_shape: torch.Size) -> torch.Tensor | None:
+        if rendered.mask is None:
+            return None
+        mask = rendered.mask.unsqueeze(0).to(self.device, torch.float32)
+        return torch.nn.functional.interpolate(mask, size=latent_shape[-2:], mode="area")[0]
+
+    def _fill_cache(self) -> None:
+        if not self.data.cacheable or self.cache:
+            return
+        keys = sorted({(i, f) for i in range(len(self.scan.records)) for f in ((False, True) if self.config.flip else (False,))})
+        by_size: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+        for key in keys:
+            by_size.setdefault(self.data.target_size(key[0]), []).append(key)
+        done = 0
+        generator = torch.Generator().manual_seed(_seeded(self.config.seed, "latent-once", 0))
+        for group in by_size.values():
+            for start in range(0, len(group), 4):
+                chunk = group[start : start + 4]
+                rendered = [self.data.render(Sample(i, f, 0.5, 0.5)) for i, f in chunk]
+                mean, std = self._encode(rendered)
+                for j, (key, r) in enumerate(zip(chunk, rendered)):
+                    m, s = mean[j], std[j]
+                    if self.config.latent_sampling == "once":
+                        noise = torch.randn(m.shape, generator=generator).to(m.device)
+                        m, s = m + s * noise, torch.zeros_like(s)
+                    elif self.config.latent_sampling == "deterministic":
+                        s = torch.zeros_like(s)
+                    self.cache[key] = _CachedLatents(m, s, self._latent_mask(r, m.shape), r.info)
+                done += len(chunk)
+                self._status(f"encoding latents {done}/{len(keys)}")
+
+    def _batch(
+        self, samples: list[Sample], index: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[ImageInfo], list[str]]:
+        """Latents, masks, image infos and prompts for micro-batch ``index``."""
+        rng = random.Random(_seeded(seed, "prompts", index))
+        prompts = [self.prompts.build(self.data.caption(s.record_index), rng) for s in samples]
+        rendered = [self.data.render(s) for s in samples] if not self.data.cacheable else None
+        if rendered is None:
+            entries = [self.cache[(s.record_index, s.flip)] for s in samples]
+            infos = [e.info for e in entries]
+            mean = torch.stack([e.mean for e in entries])
+            std = torch.stack([e.std for e in entries])
+            masks = [e.mask for e in entries]
+        else:
+            mean, std = self._encode(rendered)
+            if self.config.latent_sampling == "deterministic":
+                std = torch.zeros_like(std)
+            infos = [r.info for r in rendered]
+            masks = [self._latent_mask(r, mean.shape[1:]) for r in rendered]
+        generator = torch.Generator().manual_seed(_seeded(seed, "latents", index))
+        latents = mean + std * torch.randn(mean.shape, generator=generator).to(self.device)
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.stack([m if m is not None else torch.ones_like(latents[0, :1]) for m in masks])
+        return latents, mask, infos, prompts
+
+    def _micro_batch(self, index: int) -> list[Sample]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if getattr(self, "_plan_epoch", None) != epoch:
+            self._plan = self.data.epoch(epoch, self.config.batch_size, self.config.seed)
+            self._plan_epoch = epoch
+        return self._plan[position]
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def _loss(self, index: int, leaves: dict[str, torch.Tensor], seed: int | None = None) -> torch.Tensor:
+        """The loss of micro-batch ``index``; its data, noise and timesteps depend only on (seed, index)."""
+        c = self.config
+        seed = c.seed if seed is None else seed
+        latents, mask, infos, prompts = self._batch(self._micro_batch(index), index, seed)
+        generator = torch.Generator().manual_seed(_seeded(seed, "noise", index))
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        if c.noise_offset:
+            noise = noise + c.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator)
+        timesteps = torch.randint(c.timestep_min, c.timestep_max + 1, (batch,), generator=generator)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        autocast = (
+            torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.precision])
+            if self.precision != "fp32"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            conditioning = self.host.encode_prompts(prompts, c.name, leaves, infos)
+            prediction = self.host.predict(noisy, timesteps, conditioning)
+        target = prediction_target(latents, noise, timesteps, self.alphas_cumprod, self.host.prediction_type)
+        weights = (
+            min_snr_weights(timesteps, self.alphas_cumprod, c.min_snr_gamma, self.host.prediction_type)
+            if c.min_snr_gamma
+            else None
+        )
+        return denoising_loss(prediction, target, mask, weights)
+
+    @torch.no_grad()
+    def held_out_loss(self, vectors: dict[str, torch.Tensor], batches: int = 8, seed: int = 987654321) -> float:
+        """Mean loss of ``vectors`` over fixed micro-batches drawn with ``seed`` (not the training seed).
+
+        The same seed gives the same images, prompts, noise and timesteps, so two vector sets compare fairly.
+        """
+        with self.host.training_session(False):
+            self._fill_cache()
+            leaves = {k: v.to(self.device, torch.float32) for k, v in vectors.items()}
+            total = sum(float(self._loss(i, leaves, seed)) for i in range(batches))
+        return total / batches
+
+    def _check_first_gradients(self, leaves: dict[str, torch.Tensor]) -> bool:
+        """Stop with a reason if a vector got no usable gradient. Returns False to defer (fp16 overflow)."""
+        for key, leaf in leaves.items():
+            grad = leaf.grad
+            if grad is None:
+                raise TrainingError(
+                    f"the '{key}' vectors received no gradient: the host did not connect them to the loss "
+                    "(for SDXL in the WebUI its text embedders must be trainable during the step). Nothing was trained."
+                )
+            if not torch.isfinite(grad).all():
+                if self.scaler is not None:
+                    return False  # the scaler skips this step and lowers its scale; check again next step
+                raise TrainingError(f"the '{key}' vectors received a NaN/inf gradient at the first step")
+            if not grad.abs().sum() > 0:
+                raise TrainingError(
+                    f"the '{key}' vectors received an all-zero gradient: the model's output does not depend on "
+                    f"the trigger '{self.config.name}' (is it in the prompts? does the model attend to text?). "
+                    "Nothing would be trained."
+                )
+        return True
+
+    def run(self) -> TrainResult:
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(c.to_json(), encoding="utf-8")
+        leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
+        optimizer = torch.optim.AdamW(list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay)
+        self.scaler = torch.cuda.amp.GradScaler() if self.precision == "fp16" else None
+        if self.resume_state is not None:
+            _restore_optimizer(optimizer, leaves, self.resume_state)
+            if self.scaler is not None and "scaler.scale" in self.resume_state:
+                self.scaler.load_state_dict(
+                    {"scale": float(self.resume_state["scaler.scale"]), "_growth_tracker": int(self.resume_state["scaler.growth"])}
+                )
+            self._status(f"resuming at step {self.start_step} from {self._resumed_from}")
+        last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
+        step = self.start_step
+        loss_value = smoothed = float("nan")
+        stopped = False
+        started = time.perf_counter()
+        gradients_checked = self.start_step > 0
+        extra: list[Path] = []
+        with self.host.training_session(c.gradient_checkpointing):
+            self._fill_cache()
+            self._status("training")
+            loop_start = time.perf_counter()
+            try:
+                with open(self.run_dir / "loss.csv", "a", newline="", encoding="utf-8") as log_file:
+                    log = csv.writer(log_file)
+                    if log_file.tell() == 0:
+                        log.writerow(["step", "loss", "smoothed_loss", "learning_rate", "elapsed_s"])
+                    ema_weight = 0.0
+                    while step < c.max_steps:
+                        if self.callbacks.should_stop and self.callbacks.should_stop():
+                            stopped = True
+                            break
+                        lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                        optimizer.zero_grad(set_to_none=True)
+                        loss_value = 0.0
+                        for micro in range(c.grad_accum):
+                            loss = self._loss(step * c.grad_accum + micro, leaves)
+                            value = float(loss.detach())
+                            if not math.isfinite(value):
+                                raise TrainingError(
+                                    f"the loss became {value} at step {step + 1}; the last good vectors are kept. "
+                                    "Lower the learning rate, use fp32 or bf16, or check the images"
+                                )
+                            loss_value += value / c.grad_accum
+                            scaled = loss / c.grad_accum
+                            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                        if self.scaler is not None:
+                            self.scaler.unscale_(optimizer)
+                        if not gradients_checked:
+                            gradients_checked = self._check_first_gradients(leaves)
+                        params = list(leaves.values())
+                        if c.grad_clip == "norm":
+                            torch.nn.utils.clip_grad_norm_(params, c.grad_clip_value)
+                        elif c.grad_clip == "value":
+                            torch.nn.utils.clip_grad_value_(params, c.grad_clip_value)
+                        if self.scaler is not None:
+                            self.scaler.step(optimizer)
+                            self.scaler.update()
+                        else:
+                            optimizer.step()
+                        if not all(torch.isfinite(v).all() for v in params):
+                            raise TrainingError(
+                                f"the vectors became NaN/inf at step {step + 1}; the last good vectors are kept. "
+                                "Lower the learning rate or enable gradient clipping"
+                            )
+                        step += 1
+                        last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
+                        # Exponential moving average with bias correction, so early values are not pulled to 0.
+                        ema_weight = 0.98 * ema_weight + 0.02
+                        smoothed = (
+                            loss_value
+                            if ema_weight == 0.02
+                            else smoothed + (loss_value - smoothed) * 0.02 / ema_weight
+                        )
+                        elapsed = time.perf_counter() - loop_start
+                        done = step - self.start_step
+                        it_per_s = done / elapsed if elapsed > 0 else 0.0
+                        log.writerow([step, f"{loss_value:.6g}", f"{smoothed:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
+                        if self.callbacks.on_progress:
+                            self.callbacks.on_progress(
+                                Progress(
+                                    step=step,
+                                    total_steps=c.max_steps,
+                                    epoch=(step * c.grad_accum) // self.batches_per_epoch,
+                                    loss=loss_value,
+                                    smoothed_loss=smoothed,
+                                    learning_rate=lr,
+                                    it_per_s=it_per_s,
+                                    eta_s=(c.max_steps - step) / it_per_s if it_per_s else float("inf"),
+                                    elapsed_s=elapsed,
+                                )
+                            )
+                        if self.callbacks.on_step:
+                            self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
+                        if c.save_every and step % c.save_every == 0 and step < c.max_steps:
+                            self._save_intermediate(step, last_good, optimizer)
+            except BaseException as error:
+                saved = self._save_last_good(step, last_good)
+                if isinstance(error, TrainingError):
+                    raise TrainingError(f"{error}\nLast good embedding (step {step}): {saved}") from error
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                raise TrainingError(
+                    f"training failed at step {step + 1}: {type(error).__name__}: {error}\n"
+                    f"Last good embedding (step {step}): {saved}"
+                ) from error
+        if stopped or step < c.max_steps:
+            # A stopped run can be resumed: keep its full state beside the embedding.
+            extra.append(self._save_intermediate(step, last_good, optimizer, keep_all=True))
+        path = self._write_embedding(self.output_path, last_good, step, overwrite=c.overwrite)
+        if c.write_pt:
+            extra.append(self._write_embedding(path.with_suffix(".pt"), last_good, step, overwrite=c.overwrite))
+        self.vectors = last_good
+        return TrainResult(
+            embedding_path=path,
+            run_dir=self.run_dir,
+            steps=step,
+            embedding_step=self.base_step + step,
+            final_loss=loss_value,
+            smoothed_loss=smoothed,
+            elapsed_s=time.perf_counter() - started,
+            stopped=stopped,
+            extra_paths=extra,
+        )
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def _embedding(self, vectors: dict[str, torch.Tensor], step: int) -> EmbeddingData:
+        meta = {
+            "base_model_name": self.host.model_name,
+            "family": self.host.family,
+            "prediction_type": self.host.prediction_type,
+            "trainer": f"embedding_trainer {__version__}",
+            "run_steps": str(step),
+            "settings": self.config.to_json(),
+        }
+        return EmbeddingData(name=self.config.name, vectors=vectors, step=self.base_step + step, metadata=meta)
+
+    def _write_embedding(self, path: Path, vectors: dict[str, torch.Tensor], step: int, overwrite: bool) -> Path:
+        written = save_embedding(self._embedding(vectors, step), path, overwrite=overwrite)
+        if self.callbacks.on_save:
+            self.callbacks.on_save(written, step)
+        return written
+
+    def _save_last_good(self, step: int, vectors: dict[str, torch.Tensor]) -> Path:
+        return self._write_embedding(self.run_dir / f"{self.config.name}-last-good.safetensors", vectors, step, True)
+
+    def _save_intermediate(
+        self, step: int, vectors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, keep_all: bool = False
+    ) -> Path:
+        saves = self.run_dir / "saves"
+        stem = f"{self.config.name}-{step:06d}"
+        self._write_embedding(saves / f"{stem}.safetensors", vectors, step, overwrite=True)
+        tensors = {f"vectors.{k}": v.contiguous() for k, v in vectors.items()}
+        state = optimizer.state_dict()
+        for i, key in enumerate(vectors):
+            for name, value in state["state"].get(i, {}).items():
+                tensors[f"optimizer.{key}.{name}"] = torch.as_tensor(value).detach().cpu().reshape(-1).contiguous()
+        if self.scaler is not None:
+            tensors["scaler.scale"] = torch.tensor(float(self.scaler.get_scale()))
+            tensors["scaler.growth"] = torch.tensor(int(self.scaler.state_dict()["_growth_tracker"]))
+        meta = {"step": str(step), "base_step": str(self.base_step), "config": self.config.to_json(), "trainer": __version__}
+        state_path = saves / f"{stem}{STATE_SUFFIX}"
+        _atomic_save_file(tensors, state_path, meta)
+        if self.config.keep_saves and not keep_all:
+            states = sorted(saves.glob(f"{self.config.name}-*{STATE_SUFFIX}"))
+            for old in states[: -self.config.keep_saves]:
+                old.unlink(missing_ok=True)
+                old.with_name(old.name.replace(STATE_SUFFIX, ".safetensors")).unlink(missing_ok=True)
+        return state_path
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, leaves: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+) -> None:
+    state = optimizer.state_dict()
+    for i, key in enumerate(leaves):
+        entry = {}
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            value = tensors.get(f"optimizer.{key}.{name}")
+            if value is not None:
+                entry[name] = value.reshape(()) if name == "step" else value.reshape(leaves[key].shape)
+        if entry:
+            state["state"][i] = entry
+    optimizer.load_state_dict(state)
+
+
+def find_state(path: str | Path) -> Path:
+    """A state file, or the latest one in a run folder (``<run>/saves``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in (path / "saves", path):
+        if folder.is_dir():
+            states = sorted(folder.glob(f"*{STATE_SUFFIX}"))
+            if states:
+                return states[-1]
+    raise ConfigError(
+        "resume", f"{path} is neither a state file (*{STATE_SUFFIX}) nor a run folder with saves; check the path"
+    )
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as error:  # a truncated or foreign file
+        raise ConfigError("resume", f"{path} cannot be read as a saved run state ({error})") from None
+    if "step" not in meta or "config" not in meta:
+        raise ConfigError("resume", f"{path} is not a state file written by this trainer")
+    return tensors, meta
+
+
+def train(config: TrainConfig, host: Host, callbacks: Callbacks | None = None) -> TrainResult:
+    """Train an embedding as ``config`` says on ``host``; see :class:`Trainer`."""
+    return Trainer(config, host, callbacks).run()

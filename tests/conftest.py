@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight models (built once per session) and generated image folders."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_model_dirs(family)`` -> a diffusers-format folder of a tiny model (seed 0), written once."""
+    from embedding_trainer.standalone.tiny_models import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tiny_model(family, root / family, seed=0)
+        return made[family]
+
+    return get
+
+
+def make_images(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64), seed: int = 0, captions: bool = True):
+    """``count`` PNGs of a coloured square on a flat background, with caption files when asked."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
+        side = min(size) // 2
+        x, y = rng.randint(0, size[0] - side), rng.randint(0, size[1] - side)
+        ImageDraw.Draw(image).rectangle((x, y, x + side, y + side), fill=(240, 140, 20))
+        path = folder / f"{i:02d}.png"
+        image.save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(f"square {i}, flat background", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    make_images(tmp_path / "images")
+    return tmp_path / "images"
