@@ -368,10 +368,7 @@ class Trainer:
         for key, leaf in leaves.items():
             grad = leaf.grad
             if grad is None:
-                raise TrainingError(
-                    f"the '{key}' vectors received no gradient: the host did not connect them to the loss "
-                    "(for SDXL in the WebUI its text embedders must be trainable during the step). Nothing was trained."
-                )
+                raise TrainingError(_no_gradient_message(key))
             if not torch.isfinite(grad).all():
                 if self.scaler is not None:
                     return False  # the scaler skips this step and lowers its scale; check again next step
@@ -433,6 +430,8 @@ class Trainer:
                                     "Lower the learning rate, use fp32 or bf16, or check the images"
                                 )
                             loss_value += value / c.grad_accum
+                            if not loss.requires_grad:
+                                raise TrainingError(_no_gradient_message(", ".join(leaves)))
                             scaled = loss / c.grad_accum
                             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                         if self.scaler is not None:
@@ -558,6 +557,13 @@ class Trainer:
                 old.unlink(missing_ok=True)
                 old.with_name(old.name.replace(STATE_SUFFIX, ".safetensors")).unlink(missing_ok=True)
         return state_path
+
+
+def _no_gradient_message(key: str) -> str:
+    return (
+        f"the '{key}' vectors received no gradient: the host did not connect them to the loss "
+        "(for SDXL in the WebUI its text embedders must be trainable during the step). Nothing was trained."
+    )
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -89,8 +89,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 class ProgressBar:
     """One status line on stderr: bar, step, loss, rate and ETA."""
 
-    def __init__(self, stream: Any = sys.stderr, width: int = 24):
-        self.stream, self.width = stream, width
+    def __init__(self, stream: Any = None, width: int = 24):
+        self.stream, self.width = stream if stream is not None else sys.stderr, width  # stderr as it is now
         self.last = 0.0
 
     def __call__(self, p: Any) -> None:

@@ -1,0 +1,254 @@
+"""The training loop on a tiny SD1 model: frozen weights, callbacks, stop, resume, NaN, gradient checks, options."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images
+
+from embedding_trainer.config import TrainConfig
+from embedding_trainer.embedding_file import EmbeddingData, load_embedding, save_embedding
+from embedding_trainer.errors import ConfigError, DatasetError, EmbeddingFileError, TrainingError
+from embedding_trainer.hosts.diffusers_host import DiffusersHost
+from embedding_trainer.standalone.tiny_models import build_tiny_components
+from embedding_trainer.trainer import Callbacks, Trainer, find_state
+
+pytestmark = pytest.mark.compat
+
+
+@pytest.fixture(scope="module")
+def host() -> DiffusersHost:
+    return DiffusersHost.from_components(build_tiny_components("sd1", seed=0))
+
+
+def config(tmp_path: Path, **changes) -> TrainConfig:
+    images = tmp_path / "images"
+    if not images.exists():
+        make_images(images, count=4)
+    values = dict(
+        name="my-cat",
+        images=str(images),
+        resolution=64,
+        max_steps=4,
+        batch_size=2,
+        output_dir=str(tmp_path / "out"),
+        run_dir=str(tmp_path / "run"),
+        device="cpu",
+        template="subject_filewords",
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_model_weights_and_vocabulary_are_bit_identical_after_training(tmp_path, host):
+    before = [state_of(m) for m in (host.unet, host.vae, *host.text_encoders)]
+    flags = [p.requires_grad for p in host.unet.parameters()]
+    result = Trainer(config(tmp_path, max_steps=3), host).run()
+    after = [state_of(m) for m in (host.unet, host.vae, *host.text_encoders)]
+    for b, a in zip(before, after):
+        assert b.keys() == a.keys()
+        assert all(torch.equal(b[k], a[k]) for k in b)
+    assert [p.requires_grad for p in host.unet.parameters()] == flags  # restored after the run
+    assert result.steps == 3 and result.embedding_path.is_file()
+    data = load_embedding(result.embedding_path, host.encoders)
+    assert data.vectors["clip_l"].shape == (1, 32) and data.step == 3 and data.name == "my-cat"
+    assert data.metadata["family"] == "sd1"
+
+
+def test_vectors_change_and_only_the_vectors_get_gradients(tmp_path, host):
+    trainer = Trainer(config(tmp_path, max_steps=2, learning_rate="0.05"), host)
+    init = trainer.vectors["clip_l"].clone()
+    trainer.run()
+    assert not torch.equal(init, trainer.vectors["clip_l"])
+    assert all(p.grad is None for p in host.unet.parameters())
+    assert all(p.grad is None for p in host.text_encoders[0].parameters())
+
+
+def test_callbacks_fire_on_the_right_steps(tmp_path, host):
+    progress, saves, steps, statuses = [], [], [], []
+    callbacks = Callbacks(
+        on_progress=progress.append,
+        on_save=lambda path, step: saves.append((path.name, step)),
+        on_step=lambda step, vectors: steps.append((step, vectors["clip_l"].shape)),
+        on_status=statuses.append,
+    )
+    Trainer(config(tmp_path, max_steps=5, save_every=2, keep_saves=1), host, callbacks).run()
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5]
+    assert all(p.total_steps == 5 and math.isfinite(p.loss) and p.it_per_s > 0 for p in progress)
+    assert progress[-1].eta_s == 0
+    assert steps == [(i, (1, 32)) for i in range(1, 6)]
+    assert saves == [("my-cat-000002.safetensors", 2), ("my-cat-000004.safetensors", 4), ("my-cat.safetensors", 5)]
+    assert any(s.startswith("encoding latents") for s in statuses)
+    # keep_saves=1 keeps only the newest intermediate pair
+    remaining = sorted(p.name for p in (tmp_path / "run" / "saves").iterdir())
+    assert remaining == ["my-cat-000004.safetensors", "my-cat-000004.state.safetensors"]
+    header = (tmp_path / "run" / "loss.csv").read_text().splitlines()
+    assert header[0] == "step,loss,smoothed_loss,learning_rate,elapsed_s" and len(header) == 6
+
+
+def test_stop_saves_what_it_has(tmp_path, host):
+    progress = []
+    callbacks = Callbacks(on_progress=progress.append, should_stop=lambda: len(progress) >= 2)
+    result = Trainer(config(tmp_path, max_steps=10), host, callbacks).run()
+    assert result.stopped and result.steps == 2
+    assert load_embedding(result.embedding_path).step == 2
+    assert find_state(tmp_path / "run").name == "my-cat-000002.state.safetensors"
+
+
+@pytest.mark.parametrize("options", [{}, {"grad_accum": 2, "flip": True, "lr_scheduler": "cosine"}])
+def test_resume_equals_an_uninterrupted_run(tmp_path, host, options):
+    full = Trainer(config(tmp_path / "a", max_steps=6, **options), host).run()
+    progress = []
+    stopped = Trainer(
+        config(tmp_path / "b", max_steps=6, **options),
+        host,
+        Callbacks(on_progress=progress.append, should_stop=lambda: len(progress) >= 3),
+    ).run()
+    assert stopped.stopped and stopped.steps == 3
+    resumed_config = config(tmp_path / "b", max_steps=6, resume=str(tmp_path / "b" / "run"), overwrite=True, **options)
+    resumed = Trainer(resumed_config, host).run()
+    assert resumed.steps == 6
+    a = load_embedding(full.embedding_path).vectors
+    b = load_embedding(resumed.embedding_path).vectors
+    assert torch.equal(a["vec"], b["vec"])
+
+
+def test_resume_refuses_a_changed_setting(tmp_path, host):
+    progress = []
+    Trainer(
+        config(tmp_path, max_steps=6),
+        host,
+        Callbacks(on_progress=progress.append, should_stop=lambda: len(progress) >= 2),
+    ).run()
+    with pytest.raises(ConfigError, match="batch_size: 1 differs from the run being resumed"):
+        Trainer(config(tmp_path, max_steps=6, batch_size=1, resume=str(tmp_path / "run"), overwrite=True), host)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, host, monkeypatch):
+    calls = {"n": 0}
+    original = DiffusersHost.predict
+
+    def predict(self, *args, **kwargs):
+        calls["n"] += 1
+        out = original(self, *args, **kwargs)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(DiffusersHost, "predict", predict)
+    with pytest.raises(TrainingError, match="loss became nan at step 3") as error:
+        Trainer(config(tmp_path, max_steps=5), host).run()
+    last_good = tmp_path / "run" / "my-cat-last-good.safetensors"
+    assert str(last_good) in str(error.value)
+    data = load_embedding(last_good)
+    assert data.step == 2 and torch.isfinite(data.vectors["vec"]).all()
+    assert not (tmp_path / "out" / "my-cat.safetensors").exists()
+
+
+def test_a_detached_gradient_path_is_caught_at_the_first_step(tmp_path, host, monkeypatch):
+    original = DiffusersHost.encode_prompts
+    monkeypatch.setattr(
+        DiffusersHost,
+        "encode_prompts",
+        lambda self, p, t, vectors, i: original(self, p, t, {k: v.detach() for k, v in vectors.items()}, i),
+    )
+    with pytest.raises(TrainingError, match="'clip_l' vectors received no gradient"):
+        Trainer(config(tmp_path), host).run()
+
+
+def test_a_zero_gradient_is_caught_at_the_first_step(tmp_path, host, monkeypatch):
+    original = DiffusersHost.predict
+    monkeypatch.setattr(
+        DiffusersHost, "predict", lambda self, x, t, c: original(self, x, t, type(c)(c.hidden_states * 0, None))
+    )
+    with pytest.raises(TrainingError, match="all-zero gradient"):
+        Trainer(config(tmp_path), host).run()
+
+
+def test_an_existing_embedding_is_never_overwritten_unless_asked(tmp_path, host):
+    out = tmp_path / "out" / "my-cat.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"keep me")
+    with pytest.raises(EmbeddingFileError, match="my-cat.safetensors already exists"):
+        Trainer(config(tmp_path), host)
+    assert out.read_bytes() == b"keep me"
+    Trainer(config(tmp_path, overwrite=True, max_steps=1), host).run()
+    assert out.read_bytes() != b"keep me"
+
+
+def test_a_run_folder_with_a_previous_run_needs_resume_or_overwrite(tmp_path, host):
+    Trainer(config(tmp_path, max_steps=2, save_every=1, output_dir=str(tmp_path / "o1")), host).run()
+    with pytest.raises(ConfigError, match="holds a previous run"):
+        Trainer(config(tmp_path, max_steps=2, output_dir=str(tmp_path / "o2")), host)
+
+
+def test_max_steps_counts_this_run_not_the_stored_step(tmp_path, host):
+    init = tmp_path / "init.safetensors"
+    save_embedding(EmbeddingData("old", {"clip_l": torch.randn(3, 32)}, step=500), init)
+    result = Trainer(config(tmp_path, init_mode="file", init_file=str(init), max_steps=2), host).run()
+    assert result.steps == 2 and result.embedding_step == 502
+    assert load_embedding(result.embedding_path).vectors["vec"].shape == (3, 32)
+
+
+def test_init_from_text_spreads_tokens_over_the_vectors(tmp_path, host):
+    trainer = Trainer(config(tmp_path, init_text="a red cat", num_vectors=2), host)
+    rows = host.token_embeddings("clip_l", "a red cat")  # 3 tokens -> rows 0 and 1 (i * 3 // 2)
+    assert torch.equal(trainer.vectors["clip_l"], rows[[0, 1]])
+    random_init = Trainer(config(tmp_path, init_mode="random", num_vectors=4, output_dir=str(tmp_path / "r")), host)
+    assert random_init.vectors["clip_l"].shape == (4, 32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"crop": "random", "latent_sampling": "random"},
+        {"latent_sampling": "once", "flip": True},
+        {"buckets": True, "min_snr_gamma": 5.0, "noise_offset": 0.1},
+        {"use_alpha_mask": True, "grad_clip": "norm", "grad_clip_value": 0.01},
+        {"learning_rate": "0.01:2, 0.001", "grad_clip": "value", "timestep_min": 100, "timestep_max": 900},
+        {"precision": "bf16", "gradient_checkpointing": True},
+    ],
+)
+def test_options_train_without_error(tmp_path, host, options):
+    images = tmp_path / "images"
+    make_images(images, count=3, size=(96, 64))
+    from PIL import Image
+
+    Image.new("RGBA", (64, 80), (10, 200, 30, 128)).save(images / "alpha.png")
+    result = Trainer(config(tmp_path, max_steps=2, **options), host).run()
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+
+
+def test_gradient_checkpointing_gives_identical_vectors(tmp_path, host):
+    a = Trainer(config(tmp_path / "a", max_steps=2), host).run()
+    b = Trainer(config(tmp_path / "b", max_steps=2, gradient_checkpointing=True), host).run()
+    assert torch.equal(load_embedding(a.embedding_path).vectors["vec"], load_embedding(b.embedding_path).vectors["vec"])
+
+
+def test_fp16_on_cpu_is_refused_with_a_reason(tmp_path, host):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        Trainer(config(tmp_path, precision="fp16"), host)
+
+
+def test_bad_inputs_name_the_problem(tmp_path, host):
+    with pytest.raises(DatasetError, match="does not exist"):
+        Trainer(config(tmp_path, images=str(tmp_path / "missing")), host)
+    template = tmp_path / "bad.txt"
+    template.write_text("a photo of a dog\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"line.* 1 .*\[name\]"):
+        Trainer(config(tmp_path, template=str(template)), host)
+    with pytest.raises(ConfigError, match="timestep_max: 1000 is past the model's last timestep 999"):
+        Trainer(config(tmp_path, timestep_max=1000), host)
+    with pytest.raises(ConfigError, match="name: is required"):
+        Trainer(config(tmp_path, name=""), host)
+
+
+def test_run_header_states_the_plan(tmp_path, host):
+    text = Trainer(config(tmp_path, max_steps=7, grad_accum=2), host).describe()
+    for expected in ("my-cat", "4 from", "64px", "steps:     7", "batch 2 x 2", "cpu, fp32", "my-cat.safetensors"):
+        assert expected in text
