@@ -93,7 +93,9 @@ def _text_encoder(spec: dict[str, Any], with_projection: bool, pad_token_id: int
 
 
 def _cast(model: Any, dtype: torch.dtype) -> Any:
-    return model if dtype == torch.float32 else model.to(dtype)
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    return model.to(dtype)
 
 
 def build(arch: str, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> TinyComponents:
@@ -110,12 +112,21 @@ def build(arch: str, device: torch.device, dtype: torch.dtype = torch.float32, s
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     torch.manual_seed(seed)
     sdxl = arch == "sdxl"
-    with torch.device(device):  # parameters are created on the device: no CPU copy of a GPU model
-        unet = _cast(UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)), dtype)
-        encoders = [_cast(_text_encoder(CLIP_L, False, 49407), dtype)]
-        if sdxl:
-            encoders.append(_cast(_text_encoder(CLIP_BIGG, True, 0), dtype))
-        vae = AutoencoderKL(**SD_VAE, sample_size=1024 if sdxl else 512, scaling_factor=0.13025 if sdxl else 0.18215)
+    # Parameters are created on the device (no CPU copy of a GPU model) and in the compute dtype (no fp32
+    # transient: SDXL's UNet is 10 GB in fp32); the cast afterwards only catches what ignored the default.
+    previous = torch.get_default_dtype()
+    try:
+        with torch.device(device):
+            torch.set_default_dtype(dtype)
+            unet = _cast(UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)), dtype)
+            encoders = [_cast(_text_encoder(CLIP_L, False, 49407), dtype)]
+            if sdxl:
+                encoders.append(_cast(_text_encoder(CLIP_BIGG, True, 0), dtype))
+            torch.set_default_dtype(torch.float32)
+            vae = AutoencoderKL(**SD_VAE, sample_size=1024 if sdxl else 512,
+                                scaling_factor=0.13025 if sdxl else 0.18215)
+    finally:
+        torch.set_default_dtype(previous)
     tokenizers = [tokenizer(END_TOKEN), tokenizer("!")] if sdxl else [tokenizer(END_TOKEN)]
     for model in (unet, vae, *encoders):
         model.eval()

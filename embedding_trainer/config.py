@@ -69,9 +69,7 @@ class TrainConfig:
         "A rate ('0.005') or the WebUI's piecewise schedule ('0.005:100, 1e-3:1000, 1e-5').",
         accepts_number=True,
     )
-    lr_scheduler: str = _f(
-        "constant", "Schedule applied to a single learning rate.", ("constant", "linear", "cosine")
-    )
+    lr_scheduler: str = _f("constant", "Schedule applied to a single learning rate.", ("constant", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "Linear warm-up steps at the start of the schedule.", min=0)
     weight_decay: float = _f(0.0, "AdamW weight decay on the vectors.", min=0.0, max=1.0)
     grad_clip: str = _f("none", "Gradient clipping, applied after unscaling.", ("none", "norm", "value"))
@@ -84,7 +82,8 @@ class TrainConfig:
     # Hardware
     device: str = _f("auto", "Device: auto, cpu, cuda or cuda:N.")
     precision: str = _f(
-        "auto", "Compute precision; the vectors always stay fp32. auto: bf16 or fp16 on CUDA, fp32 elsewhere.",
+        "auto",
+        "Compute precision; the vectors always stay fp32. auto: bf16 or fp16 on CUDA, fp32 elsewhere.",
         ("auto", "fp32", "fp16", "bf16"),
     )
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in backward: less memory, slower.")
@@ -142,7 +141,8 @@ class TrainConfig:
         if self.resolution and self.resolution % 8:
             lower, upper = self.resolution // 8 * 8, self.resolution // 8 * 8 + 8
             raise ConfigError(
-                "resolution", f"{self.resolution} is not a multiple of 8 (the VAE downsamples 8x); try {lower} or {upper}"
+                "resolution",
+                f"{self.resolution} is not a multiple of 8 (the VAE downsamples 8x); try {lower} or {upper}",
             )
         if self.resolution and self.resolution < 64:
             raise ConfigError("resolution", f"{self.resolution} is too small; use at least 64")
@@ -153,7 +153,9 @@ class TrainConfig:
         if self.init_mode == "file" and not self.init_file:
             raise ConfigError("init_file", "init_mode is 'file' but no init_file is given; name an embedding file")
         if self.init_mode == "text" and not self.init_text.strip():
-            raise ConfigError("init_text", "is empty; give a word close to the concept, e.g. 'cat', or use init_mode random")
+            raise ConfigError(
+                "init_text", "is empty; give a word close to the concept, e.g. 'cat', or use init_mode random"
+            )
         schedule = parse_learning_rate(self.learning_rate, field="learning_rate")
         if schedule.is_piecewise and self.lr_scheduler != "constant":
             raise ConfigError(

@@ -51,9 +51,7 @@ def parse_learning_rate(text: str, field: str = "learning_rate") -> LearningRate
             if until == -1:
                 until = None
             elif until <= last_until:
-                raise ConfigError(
-                    field, f"steps in {text!r} must increase; {until} does not come after {last_until}"
-                )
+                raise ConfigError(field, f"steps in {text!r} must increase; {until} does not come after {last_until}")
             else:
                 last_until = until
         if until is None and i != len(items) - 1:
@@ -65,9 +63,7 @@ def parse_learning_rate(text: str, field: str = "learning_rate") -> LearningRate
     return LearningRate(tuple(pieces))
 
 
-def learning_rate_at(
-    step: int, schedule: LearningRate, scheduler: str, warmup_steps: int, total_steps: int
-) -> float:
+def learning_rate_at(step: int, schedule: LearningRate, scheduler: str, warmup_steps: int, total_steps: int) -> float:
     """The learning rate for optimiser step ``step`` (0-based) of a run of ``total_steps`` steps."""
     if schedule.is_piecewise:
         rate = schedule.pieces[-1][0]

@@ -15,9 +15,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,8 +36,17 @@ from .templates import PromptBuilder, load_template
 
 #: Fields that may differ between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "save_every", "keep_saves", "resume", "device", "overwrite", "output_dir", "write_pt",
-     "gradient_checkpointing"}
+    {
+        "max_steps",
+        "save_every",
+        "keep_saves",
+        "resume",
+        "device",
+        "overwrite",
+        "output_dir",
+        "write_pt",
+        "gradient_checkpointing",
+    }
 )
 STATE_SUFFIX = ".state.safetensors"
 
@@ -228,9 +237,7 @@ class Trainer:
         c = self.config
         widths = " + ".join(f"{e.key} {e.width}" for e in self.host.encoders)
         size = f"{self.resolution}px" + (" with aspect buckets" if c.buckets else f", {c.crop} crop")
-        latents = (
-            f"cached ({c.latent_sampling})" if self.data.cacheable else "encoded every step (random crop)"
-        )
+        latents = f"cached ({c.latent_sampling})" if self.data.cacheable else "encoded every step (random crop)"
         lr = c.learning_rate if self.lr_schedule.is_piecewise else f"{c.learning_rate} {c.lr_scheduler}"
         lines = [
             f"Training '{c.name}' on {self.host.model_name or 'the model'} ({self.host.family}, "
@@ -266,7 +273,9 @@ class Trainer:
     def _fill_cache(self) -> None:
         if not self.data.cacheable or self.cache:
             return
-        keys = sorted({(i, f) for i in range(len(self.scan.records)) for f in ((False, True) if self.config.flip else (False,))})
+        keys = sorted(
+            {(i, f) for i in range(len(self.scan.records)) for f in ((False, True) if self.config.flip else (False,))}
+        )
         by_size: dict[tuple[int, int], list[tuple[int, bool]]] = {}
         for key in keys:
             by_size.setdefault(self.data.target_size(key[0]), []).append(key)
@@ -392,7 +401,10 @@ class Trainer:
             _restore_optimizer(optimizer, leaves, self.resume_state)
             if self.scaler is not None and "scaler.scale" in self.resume_state:
                 self.scaler.load_state_dict(
-                    {"scale": float(self.resume_state["scaler.scale"]), "_growth_tracker": int(self.resume_state["scaler.growth"])}
+                    {
+                        "scale": float(self.resume_state["scaler.scale"]),
+                        "_growth_tracker": int(self.resume_state["scaler.growth"]),
+                    }
                 )
             self._status(f"resuming at step {self.start_step} from {self._resumed_from}")
         last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
@@ -458,9 +470,7 @@ class Trainer:
                         # Exponential moving average with bias correction, so early values are not pulled to 0.
                         ema_weight = 0.98 * ema_weight + 0.02
                         smoothed = (
-                            loss_value
-                            if ema_weight == 0.02
-                            else smoothed + (loss_value - smoothed) * 0.02 / ema_weight
+                            loss_value if ema_weight == 0.02 else smoothed + (loss_value - smoothed) * 0.02 / ema_weight
                         )
                         elapsed = time.perf_counter() - loop_start
                         done = step - self.start_step
@@ -548,7 +558,12 @@ class Trainer:
         if self.scaler is not None:
             tensors["scaler.scale"] = torch.tensor(float(self.scaler.get_scale()))
             tensors["scaler.growth"] = torch.tensor(int(self.scaler.state_dict()["_growth_tracker"]))
-        meta = {"step": str(step), "base_step": str(self.base_step), "config": self.config.to_json(), "trainer": __version__}
+        meta = {
+            "step": str(step),
+            "base_step": str(self.base_step),
+            "config": self.config.to_json(),
+            "trainer": __version__,
+        }
         state_path = saves / f"{stem}{STATE_SUFFIX}"
         _atomic_save_file(tensors, state_path, meta)
         if self.config.keep_saves and not keep_all:

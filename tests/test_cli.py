@@ -1,7 +1,8 @@
 """The command line, driven in-process through ``cli.main`` (and once as ``python -m embedding_trainer``).
 
-``main`` logs to a StreamHandler on the current ``sys.stderr`` that it adds and removes itself (the package
-logger does not propagate, so ``caplog`` sees nothing): messages are read with ``capsys``.
+``main`` logs to a StreamHandler on the current ``sys.stderr`` that it adds and removes itself, so what a user
+sees is read with ``capsys``. The package logger does not propagate; pytest 9's ``caplog`` still sees its records
+because pytest attaches its handler to non-propagating loggers too.
 """
 
 from __future__ import annotations

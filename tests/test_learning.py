@@ -85,7 +85,9 @@ def build_planted() -> tuple[PoolingHost, dict[str, torch.Tensor]]:
         x0 = torch.stack([latents[k][rng.randrange(16)] for k in names])
         t = torch.randint(0, 1000, (16,))
         noise = torch.randn_like(x0)
-        prediction = unet(add_noise(x0, noise, t, alphas), t, encoder_hidden_states=torch.cat([conditions[k] for k in names])).sample
+        prediction = unet(
+            add_noise(x0, noise, t, alphas), t, encoder_hidden_states=torch.cat([conditions[k] for k in names])
+        ).sample
         loss = ((prediction - prediction_target(x0, noise, t, alphas, "v_prediction")) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -26,7 +27,9 @@ MAX_TOKENS = 77
 class _SplicingEmbedding(torch.nn.Module):
     """Token embedding that replaces the rows at given (batch, position) pairs with trainable vectors."""
 
-    def __init__(self, base: torch.nn.Embedding, batch_index: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
+    def __init__(
+        self, base: torch.nn.Embedding, batch_index: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor
+    ):
         super().__init__()
         self.base = base
         self.batch_index, self.positions, self.rows = batch_index, positions, rows
@@ -276,7 +279,9 @@ class DiffusersHost:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @classmethod
-    def from_components(cls, components: Any, device: torch.device | str = "cpu", model_name: str = "tiny") -> DiffusersHost:
+    def from_components(
+        cls, components: Any, device: torch.device | str = "cpu", model_name: str = "tiny"
+    ) -> DiffusersHost:
         """Wrap in-memory components (``standalone.tiny_models.TinyComponents`` or the same attributes)."""
         host = cls(
             family=components.family,
