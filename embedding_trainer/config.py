@@ -17,7 +17,6 @@ from .errors import ConfigError
 from .schedules import parse_learning_rate
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-BUILTIN_TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords")
 
 
 def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None, **limits: Any) -> Any:

@@ -586,7 +586,7 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["metadata"]:
         lines.append("metadata:")
         for k in sorted(info["metadata"]):
-            v = info["metadata"][k]
+            v = " ".join(info["metadata"][k].split())  # JSON settings on one line
             lines.append(f"  {k}: {v if len(v) <= 200 else v[:200] + '...'}")
     else:
         lines.append("metadata:    (none)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
-from .host import EncoderInfo, Host
+from .host import Host
 
 
 def vectors_from_text(host: Host, text: str, num_vectors: int) -> dict[str, torch.Tensor]:
@@ -33,10 +33,3 @@ def random_vectors(host: Host, num_vectors: int, seed: int) -> dict[str, torch.T
         noise = torch.randn(num_vectors, encoder.width, generator=generator)
         result[encoder.key] = (mean + std * noise).contiguous()
     return result
-
-
-def check_vectors_fit(vectors: dict[str, torch.Tensor], encoders: tuple[EncoderInfo, ...], source: str) -> None:
-    expected = {e.key: e.width for e in encoders}
-    found = {k: v.shape[-1] for k, v in vectors.items()}
-    if found != expected:
-        raise ConfigError("init_file", f"{source} has widths {found} but the model expects {expected}")

@@ -88,6 +88,20 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
 
 
+def output_path(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / f"{config.name}.safetensors"
+
+
+def check_output_free(config: TrainConfig) -> None:
+    """Refuse to start a run whose result would replace an existing file the user did not offer (cheap: call it
+    before loading a model)."""
+    path = output_path(config)
+    if path.exists() and not (config.overwrite or config.resume):
+        raise EmbeddingFileError(
+            f"{path} already exists; choose another name or output_dir, or set overwrite to replace it"
+        )
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +155,7 @@ class Trainer:
         self.device = host.device
         self.precision = resolve_precision(config.precision, self.device)
         self.run_dir = Path(config.effective_run_dir)
-        self.output_path = Path(config.output_dir) / f"{config.name}.safetensors"
+        self.output_path = output_path(config)
         self.alphas_cumprod = host.alphas_cumprod()
         num_timesteps = len(self.alphas_cumprod)
         if config.timestep_max >= num_timesteps:
@@ -211,12 +225,14 @@ class Trainer:
             return random_vectors(self.host, config.num_vectors, config.seed)
         return vectors_from_text(self.host, config.init_text, config.num_vectors)
 
+    @property
+    def _replaces_output(self) -> bool:
+        # A resumed run replaces the embedding its own stopped run wrote.
+        return self.config.overwrite or bool(self.config.resume)
+
     def _check_outputs(self) -> None:
         config = self.config
-        if self.output_path.exists() and not config.overwrite:
-            raise EmbeddingFileError(
-                f"{self.output_path} already exists; choose another name or output_dir, or set overwrite to replace it"
-            )
+        check_output_free(config)
         saves = self.run_dir / "saves"
         if not config.resume and saves.is_dir() and any(saves.iterdir()):
             if not config.overwrite:
@@ -226,7 +242,6 @@ class Trainer:
                     "run_dir, or set overwrite to start over",
                 )
             shutil.rmtree(saves)
-            (self.run_dir / "loss.csv").unlink(missing_ok=True)
 
     @property
     def num_vectors(self) -> int:
@@ -254,6 +269,11 @@ class Trainer:
             + (", gradient checkpointing" if c.gradient_checkpointing else ""),
             f"  output:    {self.output_path} (run folder {self.run_dir})",
         ]
+        if self.host.known_token_count(c.name) == 1:
+            lines.append(
+                f"  note:      '{c.name}' is a word the model already knows; prompts that mean that word will "
+                "now mean the embedding (a made-up name avoids this)"
+            )
         for problem in self.scan.problems:
             lines.append(f"  skipped:   {problem.path}: {problem.message}")
         return "\n".join(lines)
@@ -390,11 +410,47 @@ class Trainer:
                 )
         return True
 
-    def run(self) -> TrainResult:
+    def _optimizer_step(self, step: int, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+        """One optimiser step (``grad_accum`` micro-batches); returns its mean loss. Raises on NaN/inf."""
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(c.to_json(), encoding="utf-8")
-        leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        for micro in range(c.grad_accum):
+            loss = self._loss(step * c.grad_accum + micro, leaves)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"the loss became {value} at step {step + 1}; the last good vectors are kept. "
+                    "Lower the learning rate, use fp32 or bf16, or check the images"
+                )
+            if not loss.requires_grad:
+                raise TrainingError(_no_gradient_message(", ".join(leaves)))
+            loss_value += value / c.grad_accum
+            scaled = loss / c.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clipping and the gradient check see true gradients
+        if not self._gradients_checked:
+            self._gradients_checked = self._check_first_gradients(leaves)
+        params = list(leaves.values())
+        if c.grad_clip == "norm":
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip_value)
+        elif c.grad_clip == "value":
+            torch.nn.utils.clip_grad_value_(params, c.grad_clip_value)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        if not all(torch.isfinite(v).all() for v in params):
+            raise TrainingError(
+                f"the vectors became NaN/inf at step {step + 1}; the last good vectors are kept. "
+                "Lower the learning rate or enable gradient clipping"
+            )
+        return loss_value
+
+    def _make_optimizer(self, leaves: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
+        c = self.config
         optimizer = torch.optim.AdamW(list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay)
         self.scaler = torch.cuda.amp.GradScaler() if self.precision == "fp16" else None
         if self.resume_state is not None:
@@ -407,109 +463,75 @@ class Trainer:
                     }
                 )
             self._status(f"resuming at step {self.start_step} from {self._resumed_from}")
+        return optimizer
+
+    def run(self) -> TrainResult:
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(c.to_json(), encoding="utf-8")
+        leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
+        optimizer = self._make_optimizer(leaves)
         last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
         step = self.start_step
         loss_value = smoothed = float("nan")
+        ema_weight = 0.0
         stopped = False
         started = time.perf_counter()
-        gradients_checked = self.start_step > 0
+        self._gradients_checked = self.start_step > 0
         extra: list[Path] = []
-        with self.host.training_session(c.gradient_checkpointing):
-            self._fill_cache()
-            self._status("training")
-            loop_start = time.perf_counter()
+        log_file = open(self.run_dir / "loss.csv", "a" if c.resume else "w", newline="", encoding="utf-8")
+        with log_file, self.host.training_session(c.gradient_checkpointing):
+            log = csv.writer(log_file)
+            if log_file.tell() == 0:
+                log.writerow(["step", "loss", "smoothed_loss", "learning_rate", "elapsed_s"])
             try:
-                with open(self.run_dir / "loss.csv", "a", newline="", encoding="utf-8") as log_file:
-                    log = csv.writer(log_file)
-                    if log_file.tell() == 0:
-                        log.writerow(["step", "loss", "smoothed_loss", "learning_rate", "elapsed_s"])
-                    ema_weight = 0.0
-                    while step < c.max_steps:
-                        if self.callbacks.should_stop and self.callbacks.should_stop():
-                            stopped = True
-                            break
-                        lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                        optimizer.zero_grad(set_to_none=True)
-                        loss_value = 0.0
-                        for micro in range(c.grad_accum):
-                            loss = self._loss(step * c.grad_accum + micro, leaves)
-                            value = float(loss.detach())
-                            if not math.isfinite(value):
-                                raise TrainingError(
-                                    f"the loss became {value} at step {step + 1}; the last good vectors are kept. "
-                                    "Lower the learning rate, use fp32 or bf16, or check the images"
-                                )
-                            loss_value += value / c.grad_accum
-                            if not loss.requires_grad:
-                                raise TrainingError(_no_gradient_message(", ".join(leaves)))
-                            scaled = loss / c.grad_accum
-                            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                        if self.scaler is not None:
-                            self.scaler.unscale_(optimizer)
-                        if not gradients_checked:
-                            gradients_checked = self._check_first_gradients(leaves)
-                        params = list(leaves.values())
-                        if c.grad_clip == "norm":
-                            torch.nn.utils.clip_grad_norm_(params, c.grad_clip_value)
-                        elif c.grad_clip == "value":
-                            torch.nn.utils.clip_grad_value_(params, c.grad_clip_value)
-                        if self.scaler is not None:
-                            self.scaler.step(optimizer)
-                            self.scaler.update()
-                        else:
-                            optimizer.step()
-                        if not all(torch.isfinite(v).all() for v in params):
-                            raise TrainingError(
-                                f"the vectors became NaN/inf at step {step + 1}; the last good vectors are kept. "
-                                "Lower the learning rate or enable gradient clipping"
+                self._fill_cache()
+                self._status("training")
+                loop_start = time.perf_counter()
+                while step < c.max_steps:
+                    if self.callbacks.should_stop and self.callbacks.should_stop():
+                        stopped = True
+                        break
+                    lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss_value = self._optimizer_step(step, leaves, optimizer)
+                    step += 1
+                    last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
+                    # Exponential moving average with bias correction, so early values are not pulled to 0.
+                    ema_weight = 0.98 * ema_weight + 0.02
+                    smoothed = loss_value if step == self.start_step + 1 else smoothed
+                    smoothed += (loss_value - smoothed) * 0.02 / ema_weight
+                    elapsed = time.perf_counter() - loop_start
+                    it_per_s = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+                    log.writerow([step, f"{loss_value:.6g}", f"{smoothed:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
+                    if self.callbacks.on_progress:
+                        self.callbacks.on_progress(
+                            Progress(
+                                step=step,
+                                total_steps=c.max_steps,
+                                epoch=(step * c.grad_accum) // self.batches_per_epoch,
+                                loss=loss_value,
+                                smoothed_loss=smoothed,
+                                learning_rate=lr,
+                                it_per_s=it_per_s,
+                                eta_s=(c.max_steps - step) / it_per_s if it_per_s else float("inf"),
+                                elapsed_s=elapsed,
                             )
-                        step += 1
-                        last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
-                        # Exponential moving average with bias correction, so early values are not pulled to 0.
-                        ema_weight = 0.98 * ema_weight + 0.02
-                        smoothed = (
-                            loss_value if ema_weight == 0.02 else smoothed + (loss_value - smoothed) * 0.02 / ema_weight
                         )
-                        elapsed = time.perf_counter() - loop_start
-                        done = step - self.start_step
-                        it_per_s = done / elapsed if elapsed > 0 else 0.0
-                        log.writerow([step, f"{loss_value:.6g}", f"{smoothed:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
-                        if self.callbacks.on_progress:
-                            self.callbacks.on_progress(
-                                Progress(
-                                    step=step,
-                                    total_steps=c.max_steps,
-                                    epoch=(step * c.grad_accum) // self.batches_per_epoch,
-                                    loss=loss_value,
-                                    smoothed_loss=smoothed,
-                                    learning_rate=lr,
-                                    it_per_s=it_per_s,
-                                    eta_s=(c.max_steps - step) / it_per_s if it_per_s else float("inf"),
-                                    elapsed_s=elapsed,
-                                )
-                            )
-                        if self.callbacks.on_step:
-                            self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
-                        if c.save_every and step % c.save_every == 0 and step < c.max_steps:
-                            self._save_intermediate(step, last_good, optimizer)
+                    if self.callbacks.on_step:
+                        self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
+                    if c.save_every and step % c.save_every == 0 and step < c.max_steps:
+                        self._save_intermediate(step, last_good, optimizer)
             except BaseException as error:
-                saved = self._save_last_good(step, last_good)
-                if isinstance(error, TrainingError):
-                    raise TrainingError(f"{error}\nLast good embedding (step {step}): {saved}") from error
-                if isinstance(error, KeyboardInterrupt):
-                    raise
-                raise TrainingError(
-                    f"training failed at step {step + 1}: {type(error).__name__}: {error}\n"
-                    f"Last good embedding (step {step}): {saved}"
-                ) from error
+                raise self._failed(error, step, last_good) from error
         if stopped or step < c.max_steps:
             # A stopped run can be resumed: keep its full state beside the embedding.
             extra.append(self._save_intermediate(step, last_good, optimizer, keep_all=True))
-        path = self._write_embedding(self.output_path, last_good, step, overwrite=c.overwrite)
+        replace = self._replaces_output
+        path = self._write_embedding(self.output_path, last_good, step, overwrite=replace)
         if c.write_pt:
-            extra.append(self._write_embedding(path.with_suffix(".pt"), last_good, step, overwrite=c.overwrite))
+            extra.append(self._write_embedding(path.with_suffix(".pt"), last_good, step, overwrite=replace))
         self.vectors = last_good
         return TrainResult(
             embedding_path=path,
@@ -522,6 +544,16 @@ class Trainer:
             stopped=stopped,
             extra_paths=extra,
         )
+
+    def _failed(self, error: BaseException, step: int, last_good: dict[str, torch.Tensor]) -> BaseException:
+        """Keep the last good vectors on disk and say where they are."""
+        saved = self._save_last_good(step, last_good)
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        where = f"\nLast good embedding (step {step}): {saved}"
+        if isinstance(error, TrainingError):
+            return TrainingError(f"{error}{where}")
+        return TrainingError(f"training failed at step {step + 1}: {type(error).__name__}: {error}{where}")
 
     # -- files ------------------------------------------------------------------------------------------------
     def _embedding(self, vectors: dict[str, torch.Tensor], step: int) -> EmbeddingData:

@@ -161,12 +161,6 @@ def test_train_writes_the_embedding_then_refuses_to_overwrite_it(
     assert "] 2/2 loss " in err and "it/s ETA" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a new (not resumed) run in a run folder without saves appends to the previous run's loss.csv, "
-    "also with --overwrite (trainer.Trainer._check_outputs only clears it when saves/ is non-empty)",
-)
 def test_a_new_run_starts_a_new_loss_log(tmp_path: Path, model: Path, image_folder: Path) -> None:
     assert cli.main(train_args(model, image_folder, tmp_path, "--quiet", steps=2)) == 0
     assert cli.main(train_args(model, image_folder, tmp_path, "--quiet", "--overwrite", steps=1)) == 0
@@ -228,7 +222,7 @@ def test_ctrl_c_stops_and_resume_continues_like_an_uninterrupted_run(
         "my-cat-000003.state.safetensors",
     ]
 
-    # The stopped run wrote its embedding at step 3; resuming replaces it (see the xfail test below).
+    # The stopped run wrote its embedding at step 3; resuming replaces it.
     resume = ["train", "--model", str(model), "--resume", str(stopped / "run"), "--max-steps", "6", "--quiet"]
     assert cli.main([*resume, "--overwrite"]) == 0
     err = capsys.readouterr().err
@@ -246,12 +240,6 @@ def test_ctrl_c_stops_and_resume_continues_like_an_uninterrupted_run(
     assert logged_steps(stopped / "run") == logged_steps(straight / "run")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the stopped run wrote out/my-cat.safetensors, and resuming it refuses to replace that file "
-    "unless --overwrite is given (trainer.Trainer._check_outputs and the final _write_embedding)",
-)
 def test_resume_replaces_the_stopped_runs_own_embedding_without_overwrite(
     tmp_path: Path, model: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -343,16 +331,7 @@ def test_config_file_is_read_and_flags_override_it(
     [
         ('{"nmae": "my-cat"}', "error: nmae: unknown field; allowed fields are: name, images,"),
         ('{"max_steps": "5"}', "error: max_steps: '5' has type str; expected int"),
-        pytest.param(
-            '["name"]',
-            "error: config: ",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="BUG: cli.config_from_args does values.update(json.loads(...)); a JSON list or number in "
-                "--config escapes as a ValueError/TypeError traceback instead of exit status 2",
-            ),
-        ),
+                ('["name"]', "error: config: "),
         ('{"name": "my-cat",', "error: "),
     ],
 )

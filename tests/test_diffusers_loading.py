@@ -57,10 +57,7 @@ def fresh_text_parts(c: Any) -> tuple[list[Any], list[Any]]:
     """Copies of the text encoders and tokenizers: load_textual_inversion grows them in place."""
     encoders = [copy.deepcopy(e) for e in c.text_encoders]
     tokenizers = [copy.deepcopy(t) for t in c.tokenizers]
-    for t in tokenizers:
-        # The tiny tokenizers do not set model_max_length (real SD tokenizers say 77); diffusers pads and truncates
-        # to it, and transformers 5 overflows on the "very large" default.
-        t.model_max_length = 77
+    assert all(t.model_max_length == 77 for t in tokenizers)  # diffusers pads and truncates to it
     return encoders, tokenizers
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..errors import EmbeddingTrainerError
+from ..errors import ConfigError, EmbeddingTrainerError
 from ..log import logger
 
 #: Options that are not TrainConfig fields (host-specific or CLI-only).
@@ -82,7 +82,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
         values.update(json.loads(load_state(find_state(args.resume))[1]["config"]))
     if args.config:
-        values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict):
+            raise ConfigError("config", f"{args.config} must hold a JSON object of fields, got {type(loaded).__name__}")
+        values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if k not in _CLI_ONLY})
     return TrainConfig.from_dict(values)
 
@@ -147,8 +150,10 @@ def _quiet_libraries() -> None:
 def run_training(config: TrainConfig, model: str, show_progress: bool = True) -> Any:
     """Load the model as the config asks and train; Ctrl-C stops cleanly (a second Ctrl-C aborts)."""
     from ..hosts.diffusers_host import DiffusersHost
-    from ..trainer import COMPUTE_DTYPES, Callbacks, Trainer, resolve_device, resolve_precision
+    from ..trainer import COMPUTE_DTYPES, Callbacks, Trainer, check_output_free, resolve_device, resolve_precision
 
+    config.require_for_training()
+    check_output_free(config)  # before minutes of model loading
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("loading %s on %s (%s)", model, device, precision)
@@ -188,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
+    previous_level = logger.level
     logger.setLevel(logging.INFO)
     _quiet_libraries()
     try:
@@ -217,4 +223,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(previous_level)
     return 0

@@ -37,7 +37,9 @@ def _tokenizer(pad_token: str) -> Any:
     from transformers import CLIPTokenizer
 
     folder = write_tokenizer_files(Path(tempfile.mkdtemp(prefix="embtrain-tok-")))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
 
 
 def _text_encoder(width: int, openclip: bool, with_projection: bool) -> Any:
