@@ -187,6 +187,8 @@ class Trainer:
         self._check_outputs()
         # Encoded latents per (image, flipped), kept on the device and reused across epochs.
         self.cache: dict[tuple[int, bool], _CachedLatents] = {}
+        self._plan: list[list[Sample]] = []  # the batches of epoch ``_plan_epoch``
+        self._plan_epoch = -1
 
     # -- set-up ------------------------------------------------------------------------------------------
     def _status(self, text: str) -> None:
@@ -345,7 +347,7 @@ class Trainer:
 
     def _micro_batch(self, index: int) -> list[Sample]:
         epoch, position = divmod(index, self.batches_per_epoch)
-        if getattr(self, "_plan_epoch", None) != epoch:
+        if self._plan_epoch != epoch:
             self._plan = self.data.epoch(epoch, self.config.batch_size, self.config.seed)
             self._plan_epoch = epoch
         return self._plan[position]
@@ -452,7 +454,7 @@ class Trainer:
     def _make_optimizer(self, leaves: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
         c = self.config
         optimizer = torch.optim.AdamW(list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay)
-        self.scaler = torch.cuda.amp.GradScaler() if self.precision == "fp16" else None
+        self.scaler = _grad_scaler() if self.precision == "fp16" else None
         if self.resume_state is not None:
             _restore_optimizer(optimizer, leaves, self.resume_state)
             if self.scaler is not None and "scaler.scale" in self.resume_state:
@@ -604,6 +606,13 @@ class Trainer:
                 old.unlink(missing_ok=True)
                 old.with_name(old.name.replace(STATE_SUFFIX, ".safetensors")).unlink(missing_ok=True)
         return state_path
+
+
+def _grad_scaler() -> torch.cuda.amp.GradScaler:
+    # torch >= 2.3 has the device-generic class; 2.1 (the WebUI's pin) only the CUDA one.
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def _no_gradient_message(key: str) -> str:

@@ -38,15 +38,6 @@ def logger_is_left_clean() -> Any:
     assert not any(type(h) is logging.StreamHandler for h in logger.handlers)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    # The models are tiny: one thread is as fast, and far faster when other processes keep the cores busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model(tiny_model_dirs: Any) -> Path:
     return tiny_model_dirs("sd1")

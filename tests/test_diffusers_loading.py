@@ -32,15 +32,6 @@ PROMPTS = ["a photo of my-cat", "my-cat on a sofa, next to my-cat", "a plain pho
 SIZE = ImageInfo(original_size=(64, 64), crop_top_left=(0, 0), target_size=(64, 64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    # The models are tiny: one thread is as fast, and far faster when other processes keep the cores busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components() -> Any:
     built: dict[str, Any] = {}

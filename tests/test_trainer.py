@@ -252,3 +252,17 @@ def test_run_header_states_the_plan(tmp_path, host):
     text = Trainer(config(tmp_path, max_steps=7, grad_accum=2), host).describe()
     for expected in ("my-cat", "4 from", "64px", "steps:     7", "batch 2 x 2", "cpu, fp32", "my-cat.safetensors"):
         assert expected in text
+
+
+def test_latents_are_encoded_once_and_reused_across_epochs(tmp_path, host, monkeypatch):
+    calls = []
+    original = DiffusersHost.encode_images
+    monkeypatch.setattr(
+        DiffusersHost, "encode_images", lambda self, pixels: calls.append(len(pixels)) or original(self, pixels)
+    )
+    # 4 images, batch 2: 2 batches per epoch, so 6 steps are 3 epochs; with flip both orientations are cached.
+    Trainer(config(tmp_path, max_steps=6, flip=True), host).run()
+    assert sum(calls) == 8
+    calls.clear()
+    Trainer(config(tmp_path / "random-crop", max_steps=3, crop="random"), host).run()
+    assert sum(calls) == 6  # random crops cannot be cached: each micro-batch is encoded
