@@ -147,8 +147,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def run_training(config: TrainConfig, model: str, show_progress: bool = True) -> Any:
-    """Load the model as the config asks and train; Ctrl-C stops cleanly (a second Ctrl-C aborts)."""
+def run_training(config: TrainConfig, model: str, show_progress: bool = True) -> tuple[Any, Any]:
+    """Load the model as the config asks and train; Ctrl-C stops cleanly (a second Ctrl-C aborts).
+
+    Returns the ``Trainer`` and its ``TrainResult``.
+    """
     from ..hosts.diffusers_host import DiffusersHost
     from ..trainer import COMPUTE_DTYPES, Callbacks, Trainer, check_output_free, resolve_device, resolve_precision
 
@@ -185,7 +188,7 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         result.embedding_path,
         "".join(f"\n also:     {p}" for p in result.extra_paths),
     )
-    return result
+    return trainer, result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

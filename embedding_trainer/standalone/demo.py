@@ -68,7 +68,12 @@ def run_demo(out: Path, steps: int = 150, overwrite: bool = False) -> None:
         overwrite=overwrite,
         device="cpu",
     )
-    result = run_training(config, str(model))
+    trainer, result = run_training(config, str(model))
     from ..embedding_file import format_inspection, inspect_embedding
+    from ..initialization import vectors_from_text
 
+    # The same held-out noise, timesteps and prompts for both: a fair before/after comparison.
+    before = trainer.held_out_loss(vectors_from_text(trainer.host, config.init_text, config.num_vectors))
+    after = trainer.held_out_loss(trainer.vectors)
+    logger.info("held-out loss: %.4f with the initial vectors, %.4f after training", before, after)
     logger.info("\n%s", format_inspection(inspect_embedding(result.embedding_path)))
