@@ -120,7 +120,7 @@ def save_embedding(
             num_vectors=str(data.num_vectors),
             embtrain_format=FORMAT_VERSION,
         )
-        _atomic_write(path, lambda f: _write_safetensors(f, tensors, header), overwrite)
+        write_atomically(path, lambda f: _write_safetensors(f, tensors, header), overwrite)
     else:
         if len(tensors) == 1:
             obj: dict[str, Any] = {
@@ -143,7 +143,7 @@ def save_embedding(
                     "(use .safetensors to keep them)",
                     path,
                 )
-        _atomic_write(path, lambda f: _write_pt(f, obj), overwrite)
+        write_atomically(path, lambda f: _write_pt(f, obj), overwrite)
     logger.debug("saved embedding %s (%d vectors, step %d)", path, data.num_vectors, data.step)
     return path
 
@@ -227,8 +227,10 @@ def _exists_error(path: Path) -> EmbeddingFileError:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None], overwrite: bool) -> None:
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None], overwrite: bool) -> None:
     """Write via a temporary file in the target folder, so readers never see a half-written file.
+
+    ``write`` receives the open temporary file; an existing ``path`` is replaced only when ``overwrite``.
 
     The temporary name ends in ``.tmp``, which the WebUI's embedding scanner ignores.
     """

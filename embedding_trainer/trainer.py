@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import TrainConfig
@@ -31,6 +30,7 @@ from .host import Host, ImageInfo
 from .initialization import random_vectors, vectors_from_text
 from .log import logger
 from .losses import add_noise, denoising_loss, min_snr_weights, prediction_target
+from .run_state import STATE_SUFFIX, find_state, load_state, restore_optimizer, save_state
 from .schedules import learning_rate_at, parse_learning_rate
 from .templates import PromptBuilder, load_template
 
@@ -48,7 +48,6 @@ RESUMABLE_CHANGES = frozenset(
         "gradient_checkpointing",
     }
 )
-STATE_SUFFIX = ".state.safetensors"
 
 
 @dataclass
@@ -456,14 +455,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay)
         self.scaler = _grad_scaler() if self.precision == "fp16" else None
         if self.resume_state is not None:
-            _restore_optimizer(optimizer, leaves, self.resume_state)
-            if self.scaler is not None and "scaler.scale" in self.resume_state:
-                self.scaler.load_state_dict(
-                    {
-                        "scale": float(self.resume_state["scaler.scale"]),
-                        "_growth_tracker": int(self.resume_state["scaler.growth"]),
-                    }
-                )
+            restore_optimizer(optimizer, self.scaler, leaves, self.resume_state)
             self._status(f"resuming at step {self.start_step} from {self._resumed_from}")
         return optimizer
 
@@ -584,22 +576,8 @@ class Trainer:
         saves = self.run_dir / "saves"
         stem = f"{self.config.name}-{step:06d}"
         self._write_embedding(saves / f"{stem}.safetensors", vectors, step, overwrite=True)
-        tensors = {f"vectors.{k}": v.contiguous() for k, v in vectors.items()}
-        state = optimizer.state_dict()
-        for i, key in enumerate(vectors):
-            for name, value in state["state"].get(i, {}).items():
-                tensors[f"optimizer.{key}.{name}"] = torch.as_tensor(value).detach().cpu().reshape(-1).contiguous()
-        if self.scaler is not None:
-            tensors["scaler.scale"] = torch.tensor(float(self.scaler.get_scale()))
-            tensors["scaler.growth"] = torch.tensor(int(self.scaler.state_dict()["_growth_tracker"]))
-        meta = {
-            "step": str(step),
-            "base_step": str(self.base_step),
-            "config": self.config.to_json(),
-            "trainer": __version__,
-        }
         state_path = saves / f"{stem}{STATE_SUFFIX}"
-        _atomic_save_file(tensors, state_path, meta)
+        save_state(state_path, vectors, optimizer, self.scaler, step, self.base_step, self.config.to_json())
         if self.config.keep_saves and not keep_all:
             states = sorted(saves.glob(f"{self.config.name}-*{STATE_SUFFIX}"))
             for old in states[: -self.config.keep_saves]:
@@ -620,60 +598,6 @@ def _no_gradient_message(key: str) -> str:
         f"the '{key}' vectors received no gradient: the host did not connect them to the loss "
         "(for SDXL in the WebUI its text embedders must be trainable during the step). Nothing was trained."
     )
-
-
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _restore_optimizer(
-    optimizer: torch.optim.Optimizer, leaves: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
-) -> None:
-    state = optimizer.state_dict()
-    for i, key in enumerate(leaves):
-        entry = {}
-        for name in ("step", "exp_avg", "exp_avg_sq"):
-            value = tensors.get(f"optimizer.{key}.{name}")
-            if value is not None:
-                entry[name] = value.reshape(()) if name == "step" else value.reshape(leaves[key].shape)
-        if entry:
-            state["state"][i] = entry
-    optimizer.load_state_dict(state)
-
-
-def find_state(path: str | Path) -> Path:
-    """A state file, or the latest one in a run folder (``<run>/saves``)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for folder in (path / "saves", path):
-        if folder.is_dir():
-            states = sorted(folder.glob(f"*{STATE_SUFFIX}"))
-            if states:
-                return states[-1]
-    raise ConfigError(
-        "resume", f"{path} is neither a state file (*{STATE_SUFFIX}) nor a run folder with saves; check the path"
-    )
-
-
-def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as error:  # a truncated or foreign file
-        raise ConfigError("resume", f"{path} cannot be read as a saved run state ({error})") from None
-    if "step" not in meta or "config" not in meta:
-        raise ConfigError("resume", f"{path} is not a state file written by this trainer")
-    return tensors, meta
 
 
 def train(config: TrainConfig, host: Host, callbacks: Callbacks | None = None) -> TrainResult:

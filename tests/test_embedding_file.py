@@ -404,7 +404,7 @@ def test_file_appearing_during_write_is_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "race.pt"
     path.write_bytes(b"theirs")
     with pytest.raises(EmbeddingFileError, match="already exists"):
-        ef._atomic_write(path, lambda f: f.write(b"ours"), overwrite=False)
+        ef.write_atomically(path, lambda f: f.write(b"ours"), overwrite=False)
     assert path.read_bytes() == b"theirs"
     assert listing(tmp_path) == ["race.pt"]
 

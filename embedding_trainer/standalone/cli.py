@@ -78,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """``--config`` file (or the resumed run's config), then the flags given explicitly on the command line."""
     values: dict[str, Any] = {}
     if getattr(args, "resume", ""):
-        from ..trainer import find_state, load_state
+        from ..run_state import find_state, load_state
 
         values.update(json.loads(load_state(find_state(args.resume))[1]["config"]))
     if args.config:
