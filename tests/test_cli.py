@@ -256,17 +256,21 @@ def test_resume_of_a_folder_without_saves_names_the_flag(
 # Flag and config-file errors
 
 
-def test_a_bad_flag_value_names_the_field(
-    tmp_path: Path, model: Path, image_folder: Path, capsys: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_bad_flag_value_names_the_field(tmp_path: Path, model: Path, image_folder: Path, capsys: Any) -> None:
     args = train_args(model, image_folder, tmp_path, "--quiet")
     args[args.index("--resolution") + 1] = "70"
-    assert cli.main(args) == 2
+    records: list[logging.LogRecord] = []
+    # The package logger does not propagate, so catch its records the way a host application's handler would.
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        assert cli.main(args) == 2
+    finally:
+        logger.removeHandler(handler)
     message = "error: resolution: 70 is not a multiple of 8 (the VAE downsamples 8x); try 64 or 72"
     assert capsys.readouterr().err.strip() == message
-    # Logged as an error record of the package logger (what a host application's handler would receive).
-    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
-    assert records == [("embedding_trainer", "ERROR", message)]
+    assert [(r.name, r.levelname, r.getMessage()) for r in records] == [("embedding_trainer", "ERROR", message)]
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
