@@ -178,7 +178,7 @@ class Trainer:
             repeats=config.repeats,
             use_alpha_mask=config.use_alpha_mask,
         )
-        self.batches_per_epoch = len(self.data.epoch(0, config.batch_size, config.seed))
+        self.batches_per_epoch = self.data.batches_per_epoch(config.batch_size)
         self.start_step = 0
         self.base_step = 0  # steps already stored in an init file
         self.resume_state: dict[str, torch.Tensor] | None = None
