@@ -53,6 +53,7 @@ class Host(Protocol):
     device: torch.device
     default_resolution: int
     model_name: str
+    preferred_precision: str | None  # what precision "auto" means for this host; None: the core decides
 
     def alphas_cumprod(self) -> torch.Tensor:
         """The training noise schedule: cumulative alpha products, float64, on the CPU, one per timestep."""

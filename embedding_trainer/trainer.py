@@ -152,7 +152,11 @@ class Trainer:
         self.host = host
         self.callbacks = callbacks or Callbacks()
         self.device = host.device
-        self.precision = resolve_precision(config.precision, self.device)
+        # A host whose weights already have a precision (the WebUI's fp16 model) decides what "auto" means.
+        preferred = getattr(host, "preferred_precision", None)
+        self.precision = resolve_precision(
+            preferred if config.precision == "auto" and preferred else config.precision, self.device
+        )
         self.run_dir = Path(config.effective_run_dir)
         self.output_path = output_path(config)
         self.alphas_cumprod = host.alphas_cumprod()

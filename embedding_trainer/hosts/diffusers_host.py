@@ -82,6 +82,7 @@ class DiffusersHost:
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.device = torch.device(device)
         self.model_name = model_name
+        self.preferred_precision: str | None = None  # the caller loads weights in the precision it asks for
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise HostError(

@@ -1,0 +1,200 @@
+"""Host adapter over the model A1111 has loaded (``shared.sd_model``): SD1 and SD2 (ldm) and SDXL (sgm).
+
+The trainable vectors live in an ``Embedding`` registered in the WebUI's embedding database under the trigger
+word, so the host's own prompt parsing and splicing carry them into the text encoders (gradients included), and
+the trigger works in txt2img as soon as the run starts. The adapter takes the host objects it needs as arguments
+(``webui.host_symbols`` imports them), so nothing here imports ``modules.*``.
+
+Host facts this relies on are in ``shared/reference/a1111-host.md``: SDXL's conditioner runs embedders under
+``no_grad`` unless ``is_trainable``; ``alphas_cumprod_original`` is the unmodified schedule; the ldm/sgm first stage
+is an encoder + ``quant_conv`` giving Gaussian moments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..errors import HostError
+from ..host import EncoderInfo, ImageInfo, ModelFamily, checkpointed, frozen
+
+
+def model_family(sd_model: Any) -> ModelFamily:
+    """SD1, SD2 or SDXL; a clear refusal for anything else the WebUI can load."""
+    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "model_name", "the loaded model")
+    if getattr(sd_model, "is_sd3", False):
+        raise HostError(f"{name} is an SD3 model; Embedding Trainer trains SD1.x, SD2.x and SDXL embeddings")
+    if getattr(sd_model, "is_sdxl_inpaint", False) or getattr(sd_model, "is_ssd", False):
+        raise HostError(f"{name} is an SDXL inpainting or SSD-1B model, which is not supported; load a base SDXL model")
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if unet is not None and getattr(unet, "in_channels", 4) != 4:
+        raise HostError(
+            f"{name} is an inpainting or instruct model ({unet.in_channels} input channels); load the base model"
+        )
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    raise HostError(f"{name} is not an SD1.x, SD2.x or SDXL model (e.g. Flux); Embedding Trainer cannot train on it")
+
+
+class A1111Host:
+    """Presents ``shared.sd_model`` to the training core (see ``embedding_trainer.host.Host``)."""
+
+    def __init__(self, sd_model: Any, embedding_db: Any, embedding_class: Any):
+        self.sd_model = sd_model
+        self.embedding_db = embedding_db
+        self.embedding_class = embedding_class
+        self.family: ModelFamily = model_family(sd_model)
+        unet = sd_model.model.diffusion_model
+        self.device = next(unet.parameters()).device
+        self.unet_dtype = next(unet.parameters()).dtype
+        self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+        keys = ("clip_l", "clip_g") if self.family == "sdxl" else ("clip_h" if self.family == "sd2" else "clip_l",)
+        self._text_embedders = dict(zip(keys, self._find_text_embedders()))
+        self.encoders = tuple(
+            EncoderInfo(key, int(embedder.encode_embedding_init_text(",", 1).shape[-1]))
+            for key, embedder in self._text_embedders.items()
+        )
+        self.default_resolution = {"sd1": 512, "sd2": 768 if self.prediction_type == "v_prediction" else 512}.get(
+            self.family, 1024
+        )
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.model_name = getattr(info, "model_name", "") or ""
+        self.model_hash = getattr(info, "shorthash", None)
+        # fp16 weights need a grad scaler; fp32 weights (--no-half) train in fp32.
+        self.preferred_precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.unet_dtype, "fp32")
+        self.embedding: Any = None  # the live Embedding registered under the trigger word
+
+    def _find_text_embedders(self) -> list[Any]:
+        if self.family == "sdxl":
+            found = [e for e in self.sd_model.conditioner.embedders if hasattr(e, "encode_embedding_init_text")]
+            if len(found) != 2:
+                raise HostError(f"expected SDXL's two text embedders (CLIP-L, OpenCLIP-G); found {len(found)}")
+            return found
+        return [self.sd_model.cond_stage_model]
+
+    # -- Host interface ----------------------------------------------------------------------------------
+    def alphas_cumprod(self) -> torch.Tensor:
+        # The working alphas_cumprod may be fp16 or rescaled by a setting; the original is the training schedule.
+        alphas = getattr(self.sd_model, "alphas_cumprod_original", None)
+        if alphas is None:
+            alphas = self.sd_model.alphas_cumprod
+        return torch.as_tensor(alphas).detach().to("cpu", torch.float64)
+
+    def token_embeddings(self, encoder_key: str, text: str) -> torch.Tensor:
+        rows = self._text_embedders[encoder_key].encode_embedding_init_text(text, 75)
+        return rows.detach().to("cpu", torch.float32).reshape(-1, rows.shape[-1]).clone()
+
+    def vocabulary(self, encoder_key: str) -> torch.Tensor:
+        embedder = self._text_embedders[encoder_key]
+        wrapped = embedder.wrapped
+        if hasattr(wrapped, "transformer"):  # OpenAI CLIP (transformers CLIPTextModel)
+            layer = wrapped.transformer.text_model.embeddings.token_embedding
+        else:  # OpenCLIP
+            layer = wrapped.model.token_embedding
+        return getattr(layer, "wrapped", layer).weight.detach()
+
+    def known_token_count(self, text: str) -> int:
+        return len(self._text_embedders[self.encoders[0].key].tokenize([text])[0])
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.sd_model.first_stage_model
+        dtype = next(vae.parameters()).dtype
+        mean, std = self._vae_moments(vae, pixels.to(self.device, dtype))
+        if dtype != torch.float32 and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            # The SDXL VAE overflows in fp16 unless it is the fp16-fix VAE: encode in fp32 once, then restore.
+            vae.float()
+            try:
+                mean, std = self._vae_moments(vae, pixels.to(self.device, torch.float32))
+            finally:
+                vae.to(dtype)
+        scale = float(self.sd_model.scale_factor)
+        return (mean * scale).float(), (std * scale).float()
+
+    @staticmethod
+    def _vae_moments(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ldm's AutoencoderKL and sgm's inference wrapper share encoder + quant_conv -> (mean, logvar); calling
+        # them directly gives the deterministic mean (sgm's encode() would sample) with autocast left to the caller.
+        moments = vae.quant_conv(vae.encoder(pixels))
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+
+    def _live_embedding(self, trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
+        """The registered Embedding for ``trigger`` carrying ``vectors`` (the core's trainable leaves)."""
+        vec: Any = dict(vectors) if self.family == "sdxl" else vectors[self.encoders[0].key]
+        embedding = self.embedding
+        if embedding is None or embedding.name != trigger:
+            embedding = self.embedding_class(vec, trigger)
+            self.embedding = embedding
+        embedding.vec = vec
+        embedding.vectors = next(iter(vectors.values())).shape[0]
+        embedding.shape = sum(v.shape[-1] for v in vectors.values())
+        # Re-register if the database lost it (a forced reload replaces every Embedding object).
+        if self.embedding_db.word_embeddings.get(trigger) is not embedding:
+            self.embedding_db.register_embedding(embedding, self.sd_model)
+        return embedding
+
+    def encode_prompts(
+        self, prompts: list[str], trigger: str, vectors: dict[str, torch.Tensor], images: list[ImageInfo]
+    ) -> Any:
+        self._live_embedding(trigger, vectors)
+        if self.family != "sdxl":
+            return self.sd_model.cond_stage_model(prompts)
+
+        # Real size and crop of each training image, not the single size a generation uses.
+        def sizes(pick: Any) -> torch.Tensor:
+            return torch.tensor([list(pick(im)) for im in images], device=self.device, dtype=self.unet_dtype)
+
+        batch = {
+            "txt": list(prompts),
+            "original_size_as_tuple": sizes(lambda im: im.original_size),
+            "crop_coords_top_left": sizes(lambda im: im.crop_top_left),
+            "target_size_as_tuple": sizes(lambda im: im.target_size),
+            "aesthetic_score": torch.full((len(prompts), 1), 6.0, device=self.device, dtype=self.unet_dtype),
+        }
+        return self.sd_model.conditioner(batch)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        return self.sd_model.apply_model(noisy_latents.to(self.unet_dtype), timesteps.to(self.device), conditioning)
+
+    @contextlib.contextmanager
+    def training_session(self, gradient_checkpointing: bool = False) -> Iterator[None]:
+        """Freeze every weight, make SDXL's text embedders pass gradients, optionally checkpoint UNet blocks."""
+        sd_model = self.sd_model
+        unet = sd_model.model.diffusion_model
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks] if gradient_checkpointing else []
+        embedders = list(self._text_embedders.values()) if self.family == "sdxl" else []
+        trainable = [getattr(e, "is_trainable", False) for e in embedders]
+        try:
+            # Without is_trainable, sgm's conditioner runs the embedders under no_grad: backward still succeeds
+            # but the vectors get no gradient (the core's first-step check would stop the run).
+            for embedder in embedders:
+                embedder.is_trainable = True
+            with frozen(sd_model), checkpointed(blocks):
+                yield
+        finally:
+            for embedder, flag in zip(embedders, trainable):
+                embedder.is_trainable = flag
+
+    # -- after a run ---------------------------------------------------------------------------------------
+    def publish(self, trigger: str, vectors: dict[str, torch.Tensor], step: int, path: str, sha256: str) -> Any:
+        """Register the finished embedding (final vectors, file name, hash) so txt2img uses and credits it."""
+        final = {k: v.detach().to(self.device, torch.float32) for k, v in vectors.items()}
+        embedding = self._live_embedding(trigger, final)
+        embedding.step = step
+        embedding.filename = path
+        embedding.sd_checkpoint = self.model_hash
+        embedding.sd_checkpoint_name = self.model_name
+        embedding.cached_checksum = None
+        if hasattr(embedding, "set_hash"):
+            embedding.set_hash(sha256)
+        else:
+            embedding.hash, embedding.shorthash = sha256, sha256[:12]
+        return embedding

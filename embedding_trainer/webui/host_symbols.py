@@ -1,0 +1,54 @@
+"""The one place that imports the WebUI's own modules.
+
+Every symbol the extension uses from A1111 is imported here, from its real home (not re-exports such as
+``webui``), so a moved or renamed symbol breaks in one place with a message that names it and the host versions
+this extension supports. Nothing else in the package imports ``modules.*``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import HostError
+
+SUPPORTED_HOSTS = "AUTOMATIC1111 WebUI v1.6 to v1.10"
+
+
+def _symbol(module: str, name: str | None = None) -> Any:
+    where = f"{module}.{name}" if name else module
+    try:
+        loaded = importlib.import_module(module)
+        return getattr(loaded, name) if name else loaded
+    except (ImportError, AttributeError) as error:
+        raise HostError(
+            f"the WebUI has no {where} ({type(error).__name__}: {error}); Embedding Trainer supports "
+            f"{SUPPORTED_HOSTS}. Update the WebUI, or report your version in the extension's issues"
+        ) from None
+
+
+@dataclass(frozen=True)
+class WebUISymbols:
+    shared: Any  # modules.shared: sd_model, opts, state, cmd_opts
+    model_hijack: Any  # modules.sd_hijack.model_hijack: embedding_db, fixes
+    embedding_class: Any  # modules.textual_inversion.textual_inversion.Embedding
+    queue_lock: Any  # modules.call_queue.queue_lock
+    wrap_gradio_gpu_call: Any  # modules.call_queue.wrap_gradio_gpu_call
+    script_callbacks: Any  # modules.script_callbacks
+    processing: Any  # modules.processing (StableDiffusionProcessing caches, previews)
+    paths: Any  # modules.paths (data_path, models_path)
+
+
+def load() -> WebUISymbols:
+    """Import every host symbol; raises HostError naming the first one missing."""
+    return WebUISymbols(
+        shared=_symbol("modules.shared"),
+        model_hijack=_symbol("modules.sd_hijack", "model_hijack"),
+        embedding_class=_symbol("modules.textual_inversion.textual_inversion", "Embedding"),
+        queue_lock=_symbol("modules.call_queue", "queue_lock"),
+        wrap_gradio_gpu_call=_symbol("modules.call_queue", "wrap_gradio_gpu_call"),
+        script_callbacks=_symbol("modules.script_callbacks"),
+        processing=_symbol("modules.processing"),
+        paths=_symbol("modules.paths"),
+    )
