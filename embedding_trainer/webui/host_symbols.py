@@ -38,6 +38,7 @@ class WebUISymbols:
     script_callbacks: Any  # modules.script_callbacks
     processing: Any  # modules.processing (StableDiffusionProcessing caches, previews)
     paths: Any  # modules.paths (data_path, models_path)
+    progress: Any  # modules.progress (task ids behind /internal/progress)
 
 
 def load() -> WebUISymbols:
@@ -51,4 +52,5 @@ def load() -> WebUISymbols:
         script_callbacks=_symbol("modules.script_callbacks"),
         processing=_symbol("modules.processing"),
         paths=_symbol("modules.paths"),
+        progress=_symbol("modules.progress"),
     )

@@ -163,6 +163,8 @@ class RunManager:
     ``run_exclusively(fn)`` calls ``fn`` while holding the host's GPU queue lock. ``state_bridge`` mirrors the
     run onto the host's progress state. ``on_finished(record)`` is called after every run ends, whatever the
     outcome (e.g. to reload the embeddings). ``preview(step, vectors)`` renders preview images.
+    ``config_defaults(fields)`` fills host-specific defaults (output folder, run folder) into a dict body
+    before it is validated; fields the caller gave are kept.
     """
 
     def __init__(
@@ -174,12 +176,14 @@ class RunManager:
         preview: PreviewFn | None = None,
         *,
         history_limit: int = HISTORY_RUNS,
+        config_defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ):
         self._make_host = make_host
         self._run_exclusively = run_exclusively
         self._bridge = state_bridge
         self._on_finished = on_finished
         self._preview = preview
+        self._config_defaults = config_defaults
         self._history_limit = max(1, history_limit)
         self._lock = threading.RLock()
         self._records: OrderedDict[str, RunRecord] = OrderedDict()
@@ -292,7 +296,7 @@ class RunManager:
         if isinstance(config, TrainConfig):
             config = config.replace()  # a private, re-validated copy: later changes by the caller do not leak in
         elif isinstance(config, dict):
-            config = TrainConfig.from_dict(config)
+            config = TrainConfig.from_dict(self._config_defaults(config) if self._config_defaults else config)
         else:
             raise ConfigError("config", f"expected a TrainConfig or an object of fields, got {type(config).__name__}")
         config.require_for_training()
