@@ -150,7 +150,22 @@ def save_embedding(
 
 def _write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
     # safetensors.torch.save returns the bytes, so the atomic writer controls the file (save_file would not).
-    f.write(safetensors.torch.save(tensors, metadata=header))
+    f.write(deterministic_safetensors(safetensors.torch.save(tensors, metadata=header)))
+
+
+def deterministic_safetensors(payload: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted.
+
+    safetensors writes header metadata in a random order, so the same embedding saved twice would get two sha256
+    hashes, and the WebUI's ``TI hashes`` (and model hashes) come from the file's sha256. Sorting keeps the
+    header's length, so the tensor offsets stay valid.
+    """
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    ordered = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(ordered) > length:  # never expected: same content, compact form; keep the library's bytes
+        return payload
+    return payload[:8] + ordered.ljust(length, b" ") + payload[8 + length :]
 
 
 def _write_pt(f: IO[bytes], obj: dict[str, Any]) -> None:
@@ -241,6 +256,8 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None], overwrite: 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -250,6 +267,12 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None], overwrite: 
         # Also on KeyboardInterrupt: never leave the temporary file behind.
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _place_new(tmp: Path, path: Path) -> None:

@@ -520,3 +520,17 @@ def test_inspect_reports_norms_hash_and_metadata(tmp_path: Path) -> None:
     assert "L2 norms: 5, 0.5" in text
     assert info["sha256"][:10] in text
     assert "base_model_name: m" in text
+
+
+def test_the_same_embedding_saved_twice_has_the_same_hash_and_normal_permissions(tmp_path: Path) -> None:
+    # The WebUI's TI hashes come from the file's sha256; safetensors alone orders header metadata at random.
+    data = EmbeddingData("x", {"clip_l": torch.ones(2, 8)}, step=3, metadata={f"k{i}": str(i) for i in range(12)})
+    a = save_embedding(data, tmp_path / "a.safetensors")
+    b = save_embedding(data, tmp_path / "b.safetensors")
+    assert ef.file_sha256(a) == ef.file_sha256(b)
+    assert load_embedding(a).metadata == data.metadata and torch.equal(
+        load_embedding(a).vectors["vec"], torch.ones(2, 8)
+    )
+    mask = os.umask(0)
+    os.umask(mask)
+    assert a.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,4 +1,4 @@
-"""The standalone command line: ``python -m embedding_trainer train|inspect|convert|demo|make-tiny-model``.
+"""The standalone command line: ``python -m embedding_trainer train|inspect|convert|demo|make-tiny-model|export-a1111``.
 
 Training flags are generated from ``TrainConfig``'s fields, so the CLI, the saved run config and (later) the
 WebUI and API accept the same names and values.
@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("family", choices=("sd1", "sd2", "sdxl"))
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--webui-loadable", action="store_true", help="32 norm groups, so `export-a1111` gives a checkpoint A1111 loads"
+    )
+
+    export = sub.add_parser(
+        "export-a1111",
+        help="write a diffusers SD1 model as a WebUI checkpoint (OUT.safetensors + OUT.yaml + OUT-text-encoder/)",
+    )
+    export.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers model folder (with model_index.json)")
+    export.add_argument("out", metavar="OUT", help="output name, e.g. models/Stable-diffusion/tiny[.safetensors]")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    export.add_argument("--half", action="store_true", help="store the weights as float16")
+    export.add_argument(
+        "--allow-norm-group-mismatch",
+        action="store_true",
+        help="write a model whose GroupNorms do not use 32 groups (the WebUI would compute a different function)",
+    )
     return parser
 
 
@@ -217,7 +234,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "make-tiny-model":
             from .tiny_models import save_tiny_model
 
-            print(save_tiny_model(args.family, args.out, seed=args.seed))
+            print(save_tiny_model(args.family, args.out, seed=args.seed, webui_loadable=args.webui_loadable))
+        elif args.command == "export-a1111":
+            import torch
+
+            from .export_a1111 import export_a1111
+
+            result = export_a1111(
+                args.model_dir,
+                args.out,
+                overwrite=args.overwrite,
+                allow_norm_group_mismatch=args.allow_norm_group_mismatch,
+                dtype=torch.float16 if args.half else None,
+            )
+            print(result.checkpoint)
     except EmbeddingTrainerError as error:
         logger.error("error: %s", error)
         return 2

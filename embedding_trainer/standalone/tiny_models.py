@@ -84,8 +84,13 @@ def _calibrate_latent_scale(vae: Any) -> None:
     vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
 
 
-def build_tiny_components(family: ModelFamily, seed: int = 0) -> TinyComponents:
+def build_tiny_components(family: ModelFamily, seed: int = 0, webui_loadable: bool = False) -> TinyComponents:
+    """Tiny random components. ``webui_loadable``: 32 normalisation groups everywhere (VAE 32 wide), the only
+    group count the WebUI's ldm code can build, so the export (``export-a1111``) loads in A1111; a little slower.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    groups = 32 if webui_loadable else 8
 
     torch.manual_seed(seed)
     widths = TINY_WIDTHS[family]
@@ -103,7 +108,7 @@ def build_tiny_components(family: ModelFamily, seed: int = 0) -> TinyComponents:
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
-        norm_num_groups=8,
+        norm_num_groups=groups,
         cross_attention_dim=cross_dim,
         attention_head_dim=8,
     )
@@ -128,9 +133,9 @@ def build_tiny_components(family: ModelFamily, seed: int = 0) -> TinyComponents:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=(32, 32, 32, 32) if webui_loadable else (8, 16, 16, 16),
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=groups,
         latent_channels=4,
         sample_size=64,
     )
@@ -178,5 +183,5 @@ def save_components(components: TinyComponents, folder: str | Path) -> Path:
     return folder
 
 
-def save_tiny_model(family: ModelFamily, folder: str | Path, seed: int = 0) -> Path:
-    return save_components(build_tiny_components(family, seed), folder)
+def save_tiny_model(family: ModelFamily, folder: str | Path, seed: int = 0, webui_loadable: bool = False) -> Path:
+    return save_components(build_tiny_components(family, seed, webui_loadable), folder)
