@@ -147,3 +147,20 @@ def test_errors_reach_the_api(webui, tmp_path):
     assert status == 200
     run = wait_finished(webui, reply["id"])
     assert run["state"] == "failed" and "does not exist" in run["error"]
+
+
+def test_checkpointing_and_stop_on_the_real_host(webui, tmp_path):
+    make_images(tmp_path / "images", count=4)
+    body = {"name": "itstop", "images": str(tmp_path / "images"), "max_steps": 100000, "resolution": 64,
+            "gradient_checkpointing": True}  # fmt: skip
+    status, reply = webui.request("POST", "/embtrain/v1/runs", body)
+    assert status == 200, reply
+    deadline = time.monotonic() + 120
+    while webui.request("GET", f"/embtrain/v1/runs/{reply['id']}")[1]["step"] < 3:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.2)
+    assert webui.request("POST", "/embtrain/v1/stop")[0] == 200
+    run = wait_finished(webui, reply["id"])
+    assert run["state"] == "stopped" and run["step"] >= 3
+    assert Path(run["result"]["embedding_path"]).is_file()
+    assert "itstop" in webui.request("GET", "/sdapi/v1/embeddings")[1]["loaded"]
