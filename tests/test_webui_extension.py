@@ -179,7 +179,7 @@ def test_a_finished_run_is_published_with_hash_and_stale_conditioning_dropped(we
     assert (trigger, step, published_path, sha) == ("my-cat", 7, str(path), file_sha256(path))
     assert torch.equal(published, vectors)
     assert webui.processing.cached_c == [None, None] and webui.processing.cached_uc == [None, None]
-    assert not webui.lock.locked()
+    assert not webui.lock.locked()  # the hook runs inside the run's lock; it takes none itself
 
 
 def test_a_failed_run_reloads_the_embeddings_from_disk(webui):

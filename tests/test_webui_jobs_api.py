@@ -599,3 +599,17 @@ def test_an_existing_embedding_is_a_conflict_at_start(tmp_path, api):
     response = client.post(f"{V1}/runs", json=payload)
     assert response.status_code == 409 and "already exists" in response.json()["detail"]
     assert out.read_bytes() == b"keep" and manager.list_runs() == []
+
+
+def test_on_finished_runs_once_inside_the_exclusive_section(tmp_path, api):
+    lock = threading.Lock()
+    seen: list[tuple[str, bool]] = []
+
+    def exclusively(fn):
+        with lock:
+            return fn()
+
+    client, manager = api(run_exclusively=exclusively, on_finished=lambda r: seen.append((r.state, lock.locked())))
+    run_id = start(client, body(tmp_path))
+    wait_done(client, run_id)
+    assert seen == [("finished", True)]

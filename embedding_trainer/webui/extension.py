@@ -82,18 +82,18 @@ class WebUIGlue:
 
     def on_finished(self, record: RunRecord) -> None:
         """Make the result live: register the final vectors with file name and hash, drop stale conditioning."""
+        # Called by the run manager while the run still holds the queue lock (taking it again would deadlock).
         host = self.host
         if host is None:
             return
-        with self.symbols.queue_lock:
-            path = output_path(record.config)
-            if record.result and path.is_file():
-                data = load_embedding(path, host.encoders)
-                host.publish(record.config.name, data.vectors, data.step, str(path), file_sha256(path))
-            else:
-                # A failed run leaves its in-memory vectors registered; the files on disk are the truth.
-                host.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-            self.reset_conditioning_cache()
+        path = output_path(record.config)
+        if record.result and path.is_file():
+            data = load_embedding(path, host.encoders)
+            host.publish(record.config.name, data.vectors, data.step, str(path), file_sha256(path))
+        else:
+            # A failed run leaves its in-memory vectors registered; the files on disk are the truth.
+            host.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+        self.reset_conditioning_cache()
 
     def reset_conditioning_cache(self) -> None:
         # StableDiffusionProcessing caches conditioning per prompt, not per vector values.

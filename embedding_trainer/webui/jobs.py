@@ -162,7 +162,8 @@ class RunManager:
     ``make_host(config)`` returns the host adapter for the loaded model (it may raise ``HostError``).
     ``run_exclusively(fn)`` calls ``fn`` while holding the host's GPU queue lock. ``state_bridge`` mirrors the
     run onto the host's progress state. ``on_finished(record)`` is called after every run ends, whatever the
-    outcome (e.g. to reload the embeddings). ``preview(step, vectors)`` renders preview images.
+    outcome (e.g. to reload the embeddings), while the run still holds the exclusive section when it ran.
+    ``preview(step, vectors)`` renders preview images.
     ``config_defaults(fields)`` fills host-specific defaults (output folder, run folder) into a dict body
     before it is validated; fields the caller gave are kept.
     """
@@ -189,6 +190,7 @@ class RunManager:
         self._records: OrderedDict[str, RunRecord] = OrderedDict()
         self._threads: dict[str, threading.Thread] = {}
         self._active: str | None = None
+        self._finished_hooks: set[str] = set()  # runs whose on_finished was called
 
     # -- starting ------------------------------------------------------------------------------------------
     def start(self, config: TrainConfig | dict[str, Any], *, preview_every: int = 0) -> str:
@@ -362,6 +364,9 @@ class RunManager:
         else:
             self._succeed(record, result)
         finally:
+            # Still inside the exclusive section (the queue lock, for the WebUI): publishing the result cannot
+            # interleave with a generation, and the hook must not take the (non-re-entrant) lock itself.
+            self._after(record)
             if bridge is not None:
                 try:
                     bridge.end()
@@ -478,11 +483,20 @@ class RunManager:
             if self._active == record.id:
                 self._active = None
             self._threads.pop(record.id, None)
-        if self._on_finished is not None:
-            try:
-                self._on_finished(record)
-            except Exception as error:
-                self._warn(record, f"after the run: {type(error).__name__}: {error}")
+        self._after(record)  # a run that never executed (stopped while queued, lock failure)
+        with self._lock:
+            self._finished_hooks.discard(record.id)
+
+    def _after(self, record: RunRecord) -> None:
+        """Call ``on_finished`` once per run."""
+        with self._lock:
+            if self._on_finished is None or record.id in self._finished_hooks:
+                return
+            self._finished_hooks.add(record.id)
+        try:
+            self._on_finished(record)
+        except Exception as error:
+            self._warn(record, f"after the run: {type(error).__name__}: {error}")
 
 
 def progress_text(progress: Progress) -> str:
