@@ -326,7 +326,7 @@ def test_config_file_is_read_and_flags_override_it(
     [
         ('{"nmae": "my-cat"}', "error: nmae: unknown field; allowed fields are: name, images,"),
         ('{"max_steps": "5"}', "error: max_steps: '5' has type str; expected int"),
-                ('["name"]', "error: config: "),
+        ('["name"]', "error: config: "),
         ('{"name": "my-cat",', "error: "),
     ],
 )

@@ -108,7 +108,9 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamesp
 
 def test_the_entry_script_only_registers_callbacks(webui):
     runpy.run_path(str(ROOT / "scripts" / "embedding_trainer_entry.py"))
-    assert sorted(webui.callbacks) == ["on_app_started", "on_before_reload", "on_script_unloaded", "on_ui_settings"]
+    assert sorted(webui.callbacks) == [
+        "on_app_started", "on_before_reload", "on_script_unloaded", "on_ui_settings", "on_ui_tabs"
+    ]  # fmt: skip
     assert len((ROOT / "scripts" / "embedding_trainer_entry.py").read_text().splitlines()) <= 5
     assert [p.name for p in (ROOT / "scripts").glob("*.py")] == ["embedding_trainer_entry.py"]
 

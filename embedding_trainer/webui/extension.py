@@ -16,6 +16,7 @@ from . import host_symbols
 from .api import basic_auth_dependency, register_routes
 from .jobs import RunManager, RunRecord
 from .state_bridge import SharedStateBridge
+from .tab import build_tab
 
 SECTION = ("embtrain", "Embedding Trainer")
 
@@ -128,6 +129,7 @@ def register(symbols: host_symbols.WebUISymbols | None = None) -> WebUIGlue:
     callbacks = symbols.script_callbacks
     callbacks.on_app_started(glue.on_app_started)
     callbacks.on_ui_settings(glue.on_ui_settings)
+    callbacks.on_ui_tabs(lambda: build_tab(glue))
     callbacks.on_before_reload(glue.shutdown)
     callbacks.on_script_unloaded(glue.shutdown)
     return glue

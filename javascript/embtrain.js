@@ -1,0 +1,167 @@
+// Embedding Trainer tab: the start function (task id for the WebUI's progress bar) and a live loss chart.
+// Every global here starts with "embtrain"; no libraries, no network beyond this WebUI's own routes.
+
+var embtrainPollTimer = null;
+var embtrainRunId = null;
+
+function embtrainEl(id) {
+    return gradioApp().getElementById(id);
+}
+
+// Called by gradio (_js) with the Start button's inputs; the first is replaced by a new task id.
+function embtrain_start() {
+    var id = randomId();
+    var anchor = embtrainEl('embtrain_progress_anchor');
+    var live = embtrainEl('embtrain_live');
+    // The result HTML is gradio's to render: clearing its DOM here would detach the node gradio updates.
+    embtrainRunId = null;
+    embtrainChartReset();
+    if (anchor) {
+        requestProgress(id, anchor, null, function() {
+            if (live) live.textContent = '';
+            embtrainPoll();
+        }, function(progress) {
+            if (live && progress.textinfo) live.textContent = progress.textinfo;
+        });
+    }
+    embtrainStartPolling();
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}
+
+function embtrainStartPolling() {
+    if (embtrainPollTimer) return;
+    embtrainPollTimer = setInterval(embtrainPoll, 1000);
+    embtrainPoll();
+}
+
+function embtrainStopPolling() {
+    if (embtrainPollTimer) clearInterval(embtrainPollTimer);
+    embtrainPollTimer = null;
+}
+
+function embtrainFetch(path) {
+    return fetch(path, {credentials: 'same-origin', cache: 'no-store'}).then(function(r) {
+        if (!r.ok) throw new Error(path + ': HTTP ' + r.status);
+        return r.json();
+    });
+}
+
+// One poll: find the active run (or keep the last one), fetch its loss history, draw; stop when it has ended.
+function embtrainPoll() {
+    // The active run, else the newest one (a short run can finish before the first poll).
+    var pick = embtrainRunId ? Promise.resolve(embtrainRunId) : embtrainFetch('./embtrain/v1/runs').then(function(data) {
+        var runs = (data && data.runs) || [];
+        return (data && data.active_id) || (runs.length ? runs[0].id : null);
+    });
+    pick.then(function(runId) {
+        if (!runId) return null;
+        embtrainRunId = runId;
+        return embtrainFetch('./embtrain/v1/runs/' + encodeURIComponent(runId));
+    }).then(function(run) {
+        if (!run) return;
+        embtrainDraw(run);
+        if (!run.active) embtrainStopPolling();
+    }).catch(function(error) {
+        console.warn('embtrain: ' + error);
+    });
+}
+
+function embtrainChartReset() {
+    var canvas = embtrainEl('embtrain_loss_canvas');
+    if (!canvas) return;
+    canvas.dataset.points = '0';
+    var ctx = canvas.getContext('2d');
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+}
+
+// Loss (thin, light) and smoothed loss (thick) against the step; axes with min/max labels.
+function embtrainDraw(run) {
+    var canvas = embtrainEl('embtrain_loss_canvas');
+    if (!canvas) return;
+    var points = (run.loss_history || []).filter(function(p) {
+        return p && p[1] !== null && isFinite(p[1]);
+    });
+    var width = canvas.clientWidth || canvas.width;
+    var ratio = window.devicePixelRatio || 1;
+    var height = 240;
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+    canvas.dataset.scale = String(ratio);
+    var ctx = canvas.getContext('2d');
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, width, height);
+    var style = getComputedStyle(canvas);
+    var fg = style.color || '#888';
+    ctx.font = '11px sans-serif';
+    ctx.fillStyle = fg;
+    var title = (run.name || '') + ' - ' + run.state + ' - step ' + run.step + '/' + run.total_steps;
+    ctx.fillText(title, 8, 14);
+    canvas.dataset.points = String(points.length);
+    canvas.dataset.state = run.state || '';
+    if (points.length < 1) return;
+    var left = 48, right = width - 10, top = 24, bottom = height - 22;
+    var xs = points.map(function(p) {
+        return p[0];
+    });
+    var ys = [];
+    points.forEach(function(p) {
+        ys.push(p[1]);
+        if (p[2] !== null && isFinite(p[2])) ys.push(p[2]);
+    });
+    var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
+    var y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
+    if (x1 === x0) x1 = x0 + 1;
+    if (y1 === y0) {
+        y1 += 0.5; y0 -= 0.5;
+    }
+    var sx = function(x) {
+        return left + (x - x0) / (x1 - x0) * (right - left);
+    };
+    var sy = function(y) {
+        return bottom - (y - y0) / (y1 - y0) * (bottom - top);
+    };
+    ctx.strokeStyle = fg;
+    ctx.globalAlpha = 0.4;
+    ctx.beginPath();
+    ctx.moveTo(left, top); ctx.lineTo(left, bottom); ctx.lineTo(right, bottom);
+    ctx.stroke();
+    ctx.globalAlpha = 1;
+    ctx.fillText(y1.toPrecision(3), 4, top + 8);
+    ctx.fillText(y0.toPrecision(3), 4, bottom);
+    ctx.fillText(String(x0), left, bottom + 14);
+    var last = String(x1);
+    ctx.fillText(last, right - ctx.measureText(last).width, bottom + 14);
+    var line = function(index, color, lineWidth, alpha) {
+        ctx.strokeStyle = color;
+        ctx.lineWidth = lineWidth;
+        ctx.globalAlpha = alpha;
+        ctx.beginPath();
+        var started = false;
+        points.forEach(function(p) {
+            if (p[index] === null || !isFinite(p[index])) return;
+            if (started) ctx.lineTo(sx(p[0]), sy(p[index]));
+            else ctx.moveTo(sx(p[0]), sy(p[index]));
+            started = true;
+        });
+        ctx.stroke();
+        ctx.globalAlpha = 1;
+    };
+    line(1, '#4a90d9', 1, 0.5);
+    line(2, '#e8743b', 2, 1);
+    ctx.fillStyle = '#4a90d9';
+    ctx.fillText('loss', right - 110, 14);
+    ctx.fillStyle = '#e8743b';
+    ctx.fillText('smoothed', right - 70, 14);
+}
+
+// A run started elsewhere (the HTTP API) shows up when the page loads.
+onUiLoaded(function() {
+    embtrainPoll();
+    embtrainEl('embtrain_loss_canvas') && embtrainFetch('./embtrain/v1/runs').then(function(runs) {
+        if ((runs || []).some(function(r) {
+            return r.active;
+        })) embtrainStartPolling();
+    }).catch(function() {});
+});
