@@ -8,22 +8,14 @@ drawn and leaves a screenshot in its tmp folder.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import make_images
+from webui_launcher import PYTHON, WEBUI, running_webui
 
-WEBUI = os.environ.get("EMBTRAIN_WEBUI_DIR")
-PYTHON = os.environ.get("EMBTRAIN_WEBUI_PYTHON")
 CHROMIUM = os.environ.get("EMBTRAIN_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
@@ -40,55 +32,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def webui_ui(tmp_path_factory: pytest.TempPathFactory):
-    from embedding_trainer.standalone.export_a1111 import export_a1111_checkpoint
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
-
     data = tmp_path_factory.mktemp("webui-ui-data")
-    (data / "extensions").mkdir()
-    (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)
-    model = save_tiny_model("sd1", tmp_path_factory.mktemp("tiny") / "sd1", seed=0, webui_loadable=True)
-    checkpoint = export_a1111_checkpoint(model, data / "models" / "Stable-diffusion" / "embtrain-tiny")
-    (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [
-        PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-        "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
-        "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model", "--data-dir", str(data),
-        "--ckpt", str(checkpoint),
-    ]  # fmt: skip
-    log = open(data / "webui.log", "wb")
-    process = subprocess.Popen(command, cwd=WEBUI, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/embtrain/v1/runs", timeout=10) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the WebUI did not start:\n" + (data / "webui.log").read_text(errors="replace")[-4000:])
-        time.sleep(1)
-    yield base, data
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log.close()
-    sys.stderr.write((data / "webui.log").read_text(errors="replace")[-3000:])
+    with running_webui(data, tmp_path_factory.mktemp("tiny"), with_ui=True) as base:
+        yield base, data
 
 
 def _fill(page, elem_id: str, value: str) -> None:

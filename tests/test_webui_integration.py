@@ -10,10 +10,6 @@ prompt uses the trigger reports it in ``TI hashes`` with the file's hash, also a
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,28 +18,16 @@ from typing import Any
 
 import pytest
 from conftest import make_images
+from webui_launcher import MISSING, PYTHON, WEBUI, running_webui
 
 from embedding_trainer.embedding_file import file_sha256
 
-WEBUI = os.environ.get("EMBTRAIN_WEBUI_DIR")
-PYTHON = os.environ.get("EMBTRAIN_WEBUI_PYTHON")
-ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.skipif(
-    not (WEBUI and PYTHON),
-    reason="set EMBTRAIN_WEBUI_DIR (a WebUI v1.10 checkout with its repositories) and EMBTRAIN_WEBUI_PYTHON",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
 
 
 class Client:
-    def __init__(self, port: int):
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, base: str):
+        self.base = base
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -58,47 +42,11 @@ class Client:
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory: pytest.TempPathFactory):
-    from embedding_trainer.standalone.export_a1111 import export_a1111_checkpoint
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
-
     data = tmp_path_factory.mktemp("webui-data")
-    (data / "extensions").mkdir()
-    (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)
-    model = save_tiny_model("sd1", tmp_path_factory.mktemp("tiny") / "sd1", seed=0, webui_loadable=True)
-    checkpoint = export_a1111_checkpoint(model, data / "models" / "Stable-diffusion" / "embtrain-tiny")
-    # Offline: the default live-preview method would download a model at the first preview.
-    (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    command = [
-        PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-        "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--nowebui",
-        "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model", "--data-dir", str(data),
-        "--ckpt", str(checkpoint),
-    ]  # fmt: skip
-    log = open(data / "webui.log", "wb")
-    process = subprocess.Popen(command, cwd=WEBUI, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = Client(port)
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if client.request("GET", "/embtrain/v1/runs")[0] == 200:
-                break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the WebUI did not start:\n" + (data / "webui.log").read_text(errors="replace")[-4000:])
-        time.sleep(1)
-    client.data = data
-    yield client
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    sys.stderr.write((data / "webui.log").read_text(errors="replace")[-2000:])
+    with running_webui(data, tmp_path_factory.mktemp("tiny"), with_ui=False) as base:
+        client = Client(base)
+        client.data = data
+        yield client
 
 
 def wait_finished(client: Client, run_id: str, timeout: float = 300) -> dict[str, Any]:

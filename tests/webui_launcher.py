@@ -1,0 +1,72 @@
+"""Starts a real WebUI for the opt-in tiers: a private data folder with this repository as its only extension
+and a tiny exported SD1 checkpoint, on a free loopback port. Not a test module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+WEBUI = os.environ.get("EMBTRAIN_WEBUI_DIR")
+PYTHON = os.environ.get("EMBTRAIN_WEBUI_PYTHON")
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "set EMBTRAIN_WEBUI_DIR (a WebUI v1.10 checkout with its repositories) and EMBTRAIN_WEBUI_PYTHON"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_webui(data: Path, models: Path, with_ui: bool) -> Iterator[str]:
+    """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers."""
+    from embedding_trainer.standalone.export_a1111 import export_a1111_checkpoint
+    from embedding_trainer.standalone.tiny_models import save_tiny_model
+
+    (data / "extensions").mkdir(parents=True)
+    (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)
+    model = save_tiny_model("sd1", models / "sd1", seed=0, webui_loadable=True)
+    checkpoint = export_a1111_checkpoint(model, data / "models" / "Stable-diffusion" / "embtrain-tiny")
+    # Offline: the default live-preview method would download a model at the first preview.
+    (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    command = [
+        PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+        "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
+        "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model", "--data-dir", str(data),
+        "--ckpt", str(checkpoint), *([] if with_ui else ["--nowebui"]),
+    ]  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    with open(data / "webui.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=WEBUI, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(base + "/embtrain/v1/runs", timeout=10) as response:
+                        if response.status == 200:
+                            break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the WebUI did not start:\n" + (data / "webui.log").read_text(errors="replace")[-4000:])
+                time.sleep(1)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    sys.stderr.write((data / "webui.log").read_text(errors="replace")[-2000:])
