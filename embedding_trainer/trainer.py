@@ -469,7 +469,8 @@ class Trainer:
         (self.run_dir / "config.json").write_text(c.to_json(), encoding="utf-8")
         leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
         optimizer = self._make_optimizer(leaves)
-        last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
+        # A device-side copy: no per-step transfer to the CPU (a sync on CUDA); files move it when they save.
+        last_good = {k: v.detach().clone() for k, v in leaves.items()}
         step = self.start_step
         loss_value = smoothed = float("nan")
         ema_weight = 0.0
@@ -495,7 +496,7 @@ class Trainer:
                         group["lr"] = lr
                     loss_value = self._optimizer_step(step, leaves, optimizer)
                     step += 1
-                    last_good = {k: v.detach().cpu().clone() for k, v in leaves.items()}
+                    last_good = {k: v.detach().clone() for k, v in leaves.items()}
                     # Exponential moving average with bias correction, so early values are not pulled to 0.
                     ema_weight = 0.98 * ema_weight + 0.02
                     smoothed = loss_value if step == self.start_step + 1 else smoothed
@@ -530,7 +531,7 @@ class Trainer:
         path = self._write_embedding(self.output_path, last_good, step, overwrite=replace)
         if c.write_pt:
             extra.append(self._write_embedding(path.with_suffix(".pt"), last_good, step, overwrite=replace))
-        self.vectors = last_good
+        self.vectors = {k: v.cpu() for k, v in last_good.items()}
         return TrainResult(
             embedding_path=path,
             run_dir=self.run_dir,
