@@ -177,9 +177,14 @@ class TrainConfig:
         return self.run_dir or os.path.join("runs", self.name)
 
 
+def field_kind(f: dataclasses.Field) -> str:
+    """A field's type name: "str", "int", "float" or "bool" (annotations are strings under PEP 563)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Check ``value`` against the field's declared type (ints are accepted for floats, never bools)."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = field_kind(f)
     if f.metadata.get("accepts_number") and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = repr(value)
     ok = {

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig
+from ..config import TrainConfig, field_kind
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..log import logger
 
@@ -30,13 +30,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
         help_text = meta["help"] + (f" (default: {f.default})" if f.default not in ("", None) else "")
-        if f.type in ("bool", bool):
+        kind = field_kind(f)
+        if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         group.add_argument(
             flag,
-            type=kind,
+            type={"int": int, "float": float}.get(kind, str),
             choices=meta.get("choices"),
             default=argparse.SUPPRESS,
             metavar=f.name.upper() if not meta.get("choices") else None,

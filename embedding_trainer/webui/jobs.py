@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, field_kind
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..host import Host
 from ..log import logger
@@ -533,7 +533,7 @@ def config_schema() -> dict[str, Any]:
         fields.append(
             {
                 "name": f.name,
-                "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                "type": field_kind(f),
                 "default": f.default,
                 "help": meta.get("help", ""),
                 "choices": list(meta["choices"]) if meta.get("choices") else None,

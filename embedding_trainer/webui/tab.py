@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import NAME_PATTERN, TrainConfig
+from ..config import NAME_PATTERN, TrainConfig, field_kind
 from ..errors import EmbeddingTrainerError
 from ..templates import builtin_template_names
 from .jobs import format_duration
@@ -53,10 +53,6 @@ class WidgetSpec:
         return f"embtrain_{self.name}"
 
 
-def _kind_name(field: Any) -> str:
-    return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-
-
 def field_label(name: str) -> str:
     return name.replace("_", " ").capitalize().replace("Lr ", "LR ").replace("Snr", "SNR")
 
@@ -64,7 +60,7 @@ def field_label(name: str) -> str:
 def widget_spec(field: Any) -> WidgetSpec:
     """The component for one ``TrainConfig`` field: choices -> dropdown, bool -> checkbox, int/float -> number."""
     meta = field.metadata
-    kind = _kind_name(field)
+    kind = field_kind(field)
     common = {
         "name": field.name,
         "label": field_label(field.name),
