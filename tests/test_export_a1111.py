@@ -21,7 +21,6 @@ from embedding_trainer.standalone import cli
 from embedding_trainer.standalone.export_a1111 import (
     ExportError,
     export_a1111,
-    export_a1111_checkpoint,
     load_model_parts,
     output_paths,
     unet_key_table,
@@ -214,8 +213,8 @@ def test_text_encoder_folder_loads_offline(sd1_export: tuple[Path, Any]) -> None
 def test_same_model_same_bytes(tiny_model_dirs: Any, tmp_path: Path) -> None:
     """The WebUI's model hash is the file's sha256: exporting one model twice must give identical files."""
     model = tiny_model_dirs("sd1")
-    first = export_a1111_checkpoint(model, tmp_path / "a" / "m", allow_norm_group_mismatch=True)
-    second = export_a1111_checkpoint(model, tmp_path / "b" / "m", allow_norm_group_mismatch=True)
+    first = export_a1111(model, tmp_path / "a" / "m", allow_norm_group_mismatch=True).checkpoint
+    second = export_a1111(model, tmp_path / "b" / "m", allow_norm_group_mismatch=True).checkpoint
     assert first.read_bytes() == second.read_bytes()
 
 
@@ -223,30 +222,30 @@ def test_refuses_to_overwrite(sd1_export: tuple[Path, Any], tmp_path: Path) -> N
     model, result = sd1_export
     before = {p: p.stat().st_mtime_ns for p in (result.checkpoint, result.config)}
     with pytest.raises(ExportError, match="already exists"):
-        export_a1111_checkpoint(model, result.checkpoint, allow_norm_group_mismatch=True)
+        export_a1111(model, result.checkpoint, allow_norm_group_mismatch=True)
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
     # One existing output is enough to refuse, and nothing else is written.
     checkpoint, config, folder = output_paths(tmp_path / "partial.safetensors")
     config.write_text("mine", encoding="utf-8")
     with pytest.raises(ExportError, match="already exists"):
-        export_a1111_checkpoint(model, tmp_path / "partial", allow_norm_group_mismatch=True)
+        export_a1111(model, tmp_path / "partial", allow_norm_group_mismatch=True)
     assert config.read_text(encoding="utf-8") == "mine"
     assert not checkpoint.exists() and not folder.exists()
 
-    path = export_a1111_checkpoint(model, tmp_path / "partial", allow_norm_group_mismatch=True, overwrite=True)
+    path = export_a1111(model, tmp_path / "partial", allow_norm_group_mismatch=True, overwrite=True).checkpoint
     assert path == checkpoint and config.read_text(encoding="utf-8").startswith("# ldm")
 
 
 def test_norm_groups_sd2_and_sdxl_are_refused(tiny_model_dirs: Any, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="norm_num_groups=8.*32 groups"):
-        export_a1111_checkpoint(tiny_model_dirs("sd1"), tmp_path / "a")
+        export_a1111(tiny_model_dirs("sd1"), tmp_path / "a")
     with pytest.raises(ExportError, match="SD2"):
-        export_a1111_checkpoint(tiny_model_dirs("sd2"), tmp_path / "b", allow_norm_group_mismatch=True)
+        export_a1111(tiny_model_dirs("sd2"), tmp_path / "b", allow_norm_group_mismatch=True)
     with pytest.raises(ExportError, match="SDXL"):
-        export_a1111_checkpoint(tiny_model_dirs("sdxl"), tmp_path / "c", allow_norm_group_mismatch=True)
+        export_a1111(tiny_model_dirs("sdxl"), tmp_path / "c", allow_norm_group_mismatch=True)
     with pytest.raises(ExportError, match="NAME"):
-        export_a1111_checkpoint(tiny_model_dirs("sd1"), tmp_path / "d.ckpt")
+        export_a1111(tiny_model_dirs("sd1"), tmp_path / "d.ckpt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -261,14 +260,14 @@ def test_components_and_folder_give_the_same_checkpoint(tmp_path: Path) -> None:
     from embedding_trainer.standalone.tiny_models import build_tiny_components
 
     folder = _ldm_compatible_sd1(tmp_path / "model")
-    from_folder = load_file(str(export_a1111_checkpoint(folder, tmp_path / "from-folder")))
+    from_folder = load_file(str(export_a1111(folder, tmp_path / "from-folder").checkpoint))
     components = build_tiny_components("sd1", seed=0)
     components.unet, components.vae = _load_unet_vae(folder)
-    from_components = load_file(str(export_a1111_checkpoint(components, tmp_path / "from-components.safetensors")))
+    from_components = load_file(str(export_a1111(components, tmp_path / "from-components.safetensors").checkpoint))
     assert from_folder.keys() == from_components.keys()
     for key, value in from_folder.items():
         assert torch.equal(value, from_components[key]), key
-    half = load_file(str(export_a1111_checkpoint(folder, tmp_path / "half", dtype=torch.float16)))
+    half = load_file(str(export_a1111(folder, tmp_path / "half", dtype=torch.float16).checkpoint))
     assert half["model.diffusion_model.out.2.weight"].dtype == torch.float16
 
 
@@ -330,7 +329,7 @@ def test_real_ldm_loads_the_export(tmp_path: Path) -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = _ldm_compatible_sd1(tmp_path / "model")
-    checkpoint = export_a1111_checkpoint(folder, tmp_path / "out" / "tiny")
+    checkpoint = export_a1111(folder, tmp_path / "out" / "tiny").checkpoint
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     text = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()

@@ -31,13 +31,13 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def running_webui(data: Path, models: Path, with_ui: bool) -> Iterator[str]:
     """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers."""
-    from embedding_trainer.standalone.export_a1111 import export_a1111_checkpoint
+    from embedding_trainer.standalone.export_a1111 import export_a1111
     from embedding_trainer.standalone.tiny_models import save_tiny_model
 
     (data / "extensions").mkdir(parents=True)
     (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)
     model = save_tiny_model("sd1", models / "sd1", seed=0, webui_loadable=True)
-    checkpoint = export_a1111_checkpoint(model, data / "models" / "Stable-diffusion" / "embtrain-tiny")
+    checkpoint = export_a1111(model, data / "models" / "Stable-diffusion" / "embtrain-tiny").checkpoint
     # Offline: the default live-preview method would download a model at the first preview.
     (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
     port = _free_port()

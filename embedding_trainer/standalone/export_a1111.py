@@ -1,6 +1,6 @@
 """Export a diffusers-format SD1 model as a single-file checkpoint the AUTOMATIC1111 WebUI loads.
 
-``export_a1111_checkpoint(model, "models/Stable-diffusion/tiny")`` writes three things side by side:
+``export_a1111(model, "models/Stable-diffusion/tiny")`` writes three things side by side:
 
 - ``tiny.safetensors``: every weight of the UNet, VAE and CLIP text encoder under the key names of the original
   latent-diffusion (ldm) code that the WebUI builds its model from (``model.diffusion_model.*``,
@@ -76,26 +76,6 @@ class ExportResult:
 # Public entry points
 
 
-def export_a1111_checkpoint(
-    model: str | os.PathLike[str] | Any,
-    out_path: str | os.PathLike[str],
-    *,
-    overwrite: bool = False,
-    allow_norm_group_mismatch: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write ``model`` (a diffusers model folder, or components with ``unet``, ``vae``, ``text_encoder(s)``,
-    ``tokenizer(s)`` and ``scheduler``) as ``<out>.safetensors`` + ``<out>.yaml`` + ``<out>-text-encoder/``.
-
-    ``out_path`` may end in ``.safetensors`` or have no suffix. Returns the checkpoint's path. Existing outputs
-    are never replaced unless ``overwrite``; nothing is written when any check fails. ``dtype`` (e.g.
-    ``torch.float16``) converts floating-point weights; by default they keep their dtype.
-    """
-    return export_a1111(
-        model, out_path, overwrite=overwrite, allow_norm_group_mismatch=allow_norm_group_mismatch, dtype=dtype
-    ).checkpoint
-
-
 def export_a1111(
     model: str | os.PathLike[str] | Any,
     out_path: str | os.PathLike[str],
@@ -104,7 +84,13 @@ def export_a1111(
     allow_norm_group_mismatch: bool = False,
     dtype: torch.dtype | None = None,
 ) -> ExportResult:
-    """As :func:`export_a1111_checkpoint`, returning all the paths written."""
+    """Write ``model`` (a diffusers model folder, or components with ``unet``, ``vae``, ``text_encoder(s)``,
+    ``tokenizer(s)`` and ``scheduler``) as ``<out>.safetensors`` + ``<out>.yaml`` + ``<out>-text-encoder/``.
+
+    ``out_path`` may end in ``.safetensors`` or have no suffix. Returns every path written (``.checkpoint`` is the
+    one the WebUI loads). Existing outputs are never replaced unless ``overwrite``; nothing is written when any
+    check fails. ``dtype`` (e.g. ``torch.float16``) converts floating-point weights; by default they keep theirs.
+    """
     from safetensors.torch import save as safetensors_save
 
     from ..embedding_file import write_atomically
