@@ -59,6 +59,26 @@ def make_images(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64), 
     return paths
 
 
+def run_fields(tmp_path: Path, **changes):
+    """TrainConfig fields of a short CPU run on four generated images (written once per ``tmp_path``)."""
+    images = tmp_path / "images"
+    if not images.exists():
+        make_images(images, count=4)
+    values = dict(
+        name="my-cat",
+        images=str(images),
+        resolution=64,
+        max_steps=4,
+        batch_size=2,
+        output_dir=str(tmp_path / "out"),
+        run_dir=str(tmp_path / "run"),
+        device="cpu",
+        template="subject_filewords",
+    )
+    values.update(changes)
+    return values
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     make_images(tmp_path / "images")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import make_images, run_fields
 
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, load_embedding, save_embedding
@@ -26,22 +26,7 @@ def host() -> DiffusersHost:
 
 
 def config(tmp_path: Path, **changes) -> TrainConfig:
-    images = tmp_path / "images"
-    if not images.exists():
-        make_images(images, count=4)
-    values = dict(
-        name="my-cat",
-        images=str(images),
-        resolution=64,
-        max_steps=4,
-        batch_size=2,
-        output_dir=str(tmp_path / "out"),
-        run_dir=str(tmp_path / "run"),
-        device="cpu",
-        template="subject_filewords",
-    )
-    values.update(changes)
-    return TrainConfig(**values)
+    return TrainConfig(**run_fields(tmp_path, **changes))
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:

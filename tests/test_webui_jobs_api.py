@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # FastAPI's TestClient needs it
 
 import torch  # noqa: E402
-from conftest import make_images  # noqa: E402
+from conftest import run_fields  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -50,22 +50,7 @@ def host() -> DiffusersHost:
 
 
 def body(tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    images = tmp_path / "images"
-    if not images.exists():
-        make_images(images, count=4)
-    values: dict[str, Any] = dict(
-        name="my-cat",
-        images=str(images),
-        resolution=64,
-        max_steps=3,
-        batch_size=2,
-        output_dir=str(tmp_path / "out"),
-        run_dir=str(tmp_path / "run"),
-        device="cpu",
-        template="subject_filewords",
-    )
-    values.update(changes)
-    return values
+    return run_fields(tmp_path, **{"max_steps": 3, **changes})
 
 
 class RecordingBridge:
