@@ -23,8 +23,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, save_embedding  # noqa: E402
-from embedding_trainer.errors import HostError  # noqa: E402
+from embedding_trainer.errors import HostError, TrainingError  # noqa: E402
 from embedding_trainer.host import EncoderInfo  # noqa: E402
+from embedding_trainer.trainer import TrainResult  # noqa: E402
 from embedding_trainer.webui import extension, host_symbols  # noqa: E402
 from embedding_trainer.webui.jobs import RunRecord  # noqa: E402
 
@@ -176,7 +177,9 @@ def test_a_finished_run_is_published_with_hash_and_stale_conditioning_dropped(we
         EmbeddingData("my-cat", {"clip_l": vectors}, step=7), Path(config.output_dir) / "my-cat.safetensors"
     )
     webui.processing.cached_c = ["stale", "stale"]
-    glue.on_finished(RunRecord(id="embtrain-1", config=config, result={"embedding_path": str(path)}))
+    glue.on_finished(
+        RunRecord(id="embtrain-1", config=config), TrainResult(path, path.parent, 7, 7, 1.0, 1.0, 0.1, False)
+    )
     (trigger, published, step, published_path, sha) = host.published[0]
     assert (trigger, step, published_path, sha) == ("my-cat", 7, str(path), file_sha256(path))
     assert torch.equal(published, vectors)
@@ -188,8 +191,10 @@ def test_a_failed_run_reloads_the_embeddings_from_disk(webui):
     glue = extension.register()
     glue.host = host = PublishingHost(webui.db)
     config = TrainConfig.from_dict(glue.config_defaults({"name": "my-cat", "images": "x"}))
-    glue.on_finished(RunRecord(id="embtrain-2", config=config))
+    glue.on_finished(RunRecord(id="embtrain-2", config=config), TrainingError("the loss became nan"))
     assert host.published == [] and webui.db.forced_reloads == 1
+    glue.on_finished(RunRecord(id="embtrain-3", config=config), None)  # never ran: nothing to reload
+    assert webui.db.forced_reloads == 1
 
 
 def test_glue_modules_import_without_the_webui():

@@ -173,8 +173,8 @@ def start(client: TestClient, payload: dict[str, Any]) -> str:
 
 def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, api, host):
     bridge = RecordingBridge()
-    finished: list[RunRecord] = []
-    client, manager = api(bridge=bridge, on_finished=finished.append)
+    finished: list[tuple[RunRecord, Any]] = []
+    client, manager = api(bridge=bridge, on_finished=lambda record, outcome: finished.append((record, outcome)))
     response = client.post(f"{V1}/runs", json=body(tmp_path, max_steps=3))
     assert response.status_code == 200, response.text
     job_id = response.json()["id"]
@@ -210,7 +210,9 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert texts[-1].startswith("step 3/3, loss ")
     assert bridge.threads == {f"embtrain-run-{job_id}"}  # the background thread, not the request's
 
-    assert [(r.id, r.state) for r in finished] == [(job_id, "finished")]
+    assert [(r.id, outcome.steps, str(outcome.embedding_path)) for r, outcome in finished] == [
+        (job_id, 3, status["result"]["embedding_path"])
+    ]
     listing = client.get(f"{V1}/runs").json()
     assert listing["active_id"] is None
     assert [run["id"] for run in listing["runs"]] == [job_id]
@@ -437,8 +439,10 @@ def test_a_run_that_fails_inside_is_failed_with_the_error_in_the_api(
 ):
     payload, make_host = case(tmp_path, host)
     bridge = RecordingBridge()
-    finished: list[RunRecord] = []
-    client, manager = api(make_host=make_host, bridge=bridge, on_finished=finished.append)
+    finished: list[tuple[RunRecord, Any]] = []
+    client, manager = api(
+        make_host=make_host, bridge=bridge, on_finished=lambda record, outcome: finished.append((record, outcome))
+    )
     job_id = start(client, payload)
     status = wait_done(client, job_id)
     assert status["state"] == "failed" and status["result"] is None
@@ -446,7 +450,7 @@ def test_a_run_that_fails_inside_is_failed_with_the_error_in_the_api(
     assert (status["error_type"], status["error_field"]) == (error_type, error_field)
     assert status["status_text"] == f"failed: {status['error']}"
     assert bridge.events[0] == ("begin", job_id, 3) and bridge.events[-1] == ("end",)
-    assert [r.state for r in finished] == ["failed"]
+    assert [f"{type(outcome).__name__}: {outcome}" for _, outcome in finished] == [status["error"]]
     assert manager.active_id is None
     listed = client.get(f"{V1}/runs").json()["runs"][0]
     assert listed["state"] == "failed" and listed["error"] == status["error"]
@@ -594,7 +598,11 @@ def test_on_finished_runs_once_inside_the_exclusive_section(tmp_path, api):
         with lock:
             return fn()
 
-    client, manager = api(run_exclusively=exclusively, on_finished=lambda r: seen.append((r.state, lock.locked())))
+    client, manager = api(
+        run_exclusively=exclusively,
+        on_finished=lambda record, outcome: seen.append((record.state, type(outcome).__name__, lock.locked())),
+    )
     run_id = start(client, body(tmp_path))
     wait_done(client, run_id)
-    assert seen == [("finished", True)]
+    # Inside the lock, and before clients can see the run as ended (so they never read a half-published result).
+    assert seen == [("running", "TrainResult", True)]

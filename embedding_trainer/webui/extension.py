@@ -11,7 +11,7 @@ from typing import Any
 from ..embedding_file import file_sha256, load_embedding
 from ..hosts.a1111 import A1111Host
 from ..log import logger
-from ..trainer import output_path
+from ..trainer import TrainResult, output_path
 from . import host_symbols
 from .api import basic_auth_dependency, register_routes
 from .jobs import RunManager, RunRecord
@@ -81,14 +81,14 @@ class WebUIGlue:
         values.setdefault("save_every", int(self.option("embtrain_save_every", 0)))
         return values
 
-    def on_finished(self, record: RunRecord) -> None:
+    def on_finished(self, record: RunRecord, outcome: TrainResult | Exception | None) -> None:
         """Make the result live: register the final vectors with file name and hash, drop stale conditioning."""
         # Called by the run manager while the run still holds the queue lock (taking it again would deadlock).
         host = self.host
-        if host is None:
+        if host is None or outcome is None:  # nothing ran, nothing changed
             return
         path = output_path(record.config)
-        if record.result and path.is_file():
+        if isinstance(outcome, TrainResult) and path.is_file():
             data = load_embedding(path, host.encoders)
             host.publish(record.config.name, data.vectors, data.step, str(path), file_sha256(path))
         else:

@@ -161,8 +161,9 @@ class RunManager:
 
     ``make_host(config)`` returns the host adapter for the loaded model (it may raise ``HostError``).
     ``run_exclusively(fn)`` calls ``fn`` while holding the host's GPU queue lock. ``state_bridge`` mirrors the
-    run onto the host's progress state. ``on_finished(record)`` is called after every run ends, whatever the
-    outcome (e.g. to reload the embeddings), while the run still holds the exclusive section when it ran.
+    run onto the host's progress state. ``on_finished(record, outcome)`` is called once when a run ends, with its
+    ``TrainResult``, the exception that ended it, or None if it never ran; it runs inside the exclusive section
+    and before the record shows the run as ended.
     ``preview(step, vectors)`` renders preview images.
     ``config_defaults(fields)`` fills host-specific defaults (output folder, run folder) into a dict body
     before it is validated; fields the caller gave are kept.
@@ -173,7 +174,7 @@ class RunManager:
         make_host: Callable[[TrainConfig], Host],
         run_exclusively: Callable[[Callable[[], T]], T],
         state_bridge: StateBridge | None = None,
-        on_finished: Callable[[RunRecord], None] | None = None,
+        on_finished: Callable[[RunRecord, TrainResult | Exception | None], None] | None = None,
         preview: PreviewFn | None = None,
         *,
         history_limit: int = HISTORY_RUNS,
@@ -354,24 +355,27 @@ class RunManager:
             record.started_at = time.time()
             record.status_text = "loading the model"
         bridge = self._bridge
+        outcome: TrainResult | Exception
         try:
             if bridge is not None:
                 bridge.begin(record.id, record.total_steps)
             host = self._make_host(record.config)
-            result = Trainer(record.config, host, self._callbacks(record)).run()
+            outcome = Trainer(record.config, host, self._callbacks(record)).run()
         except Exception as error:
-            self._fail(record, error)
+            outcome = error
+        # Still inside the exclusive section (the queue lock, for the WebUI): the hook publishes the result without
+        # a generation interleaving (and must not take the non-re-entrant lock itself). Clients see the run end
+        # only after that and after the host's job state has ended.
+        self._after(record, outcome)
+        if bridge is not None:
+            try:
+                bridge.end()
+            except Exception as error:
+                self._warn(record, f"the host's job state could not be ended: {type(error).__name__}: {error}")
+        if isinstance(outcome, Exception):
+            self._fail(record, outcome)
         else:
-            self._succeed(record, result)
-        finally:
-            # Still inside the exclusive section (the queue lock, for the WebUI): publishing the result cannot
-            # interleave with a generation, and the hook must not take the (non-re-entrant) lock itself.
-            self._after(record)
-            if bridge is not None:
-                try:
-                    bridge.end()
-                except Exception as error:
-                    self._warn(record, f"the host's job state could not be ended: {type(error).__name__}: {error}")
+            self._succeed(record, outcome)
 
     def _callbacks(self, record: RunRecord) -> Callbacks:
         bridge = self._bridge
@@ -483,18 +487,18 @@ class RunManager:
             if self._active == record.id:
                 self._active = None
             self._threads.pop(record.id, None)
-        self._after(record)  # a run that never executed (stopped while queued, lock failure)
+        self._after(record, None)  # a run that never executed (stopped while queued, lock failure)
         with self._lock:
             self._finished_hooks.discard(record.id)
 
-    def _after(self, record: RunRecord) -> None:
+    def _after(self, record: RunRecord, outcome: TrainResult | Exception | None) -> None:
         """Call ``on_finished`` once per run."""
         with self._lock:
             if self._on_finished is None or record.id in self._finished_hooks:
                 return
             self._finished_hooks.add(record.id)
         try:
-            self._on_finished(record)
+            self._on_finished(record, outcome)
         except Exception as error:
             self._warn(record, f"after the run: {type(error).__name__}: {error}")
 
