@@ -154,3 +154,9 @@ class PromptBuilder:
         if FILEWORDS_TOKEN in prompt:
             prompt = prompt.replace(FILEWORDS_TOKEN, self.filewords(caption, rng))
         return _tidy(prompt)
+
+
+def preview_prompt(template: str, trigger: str) -> str:
+    """A prompt for preview images: the template's first line with the trigger in place and no caption."""
+    line = load_template(template)[0]
+    return _tidy(line.replace(NAME_TOKEN, trigger).replace(FILEWORDS_TOKEN, ""))

@@ -1,4 +1,5 @@
-// Embedding Trainer tab: the start function (task id for the WebUI's progress bar) and a live loss chart.
+// Embedding Trainer tab: the start function (task id for the WebUI's progress bar), a live loss chart and the
+// preview images as they arrive.
 // Every global here starts with "embtrain"; no libraries, no network beyond this WebUI's own routes.
 
 var embtrainPollTimer = null;
@@ -62,10 +63,36 @@ function embtrainPoll() {
     }).then(function(run) {
         if (!run) return;
         embtrainDraw(run);
+        embtrainShowPreviews(run);
         if (!run.active) embtrainStopPolling();
     }).catch(function(error) {
         console.warn('embtrain: ' + error);
     });
+}
+
+// Adds the run's new preview images (oldest first) to the gallery; a different run clears it.
+function embtrainShowPreviews(run) {
+    var box = embtrainEl('embtrain_previews');
+    if (!box) return;
+    if (box.dataset.run !== run.id) {
+        box.textContent = '';
+        box.dataset.run = run.id;
+    }
+    var urls = run.previews || [];
+    var steps = run.preview_at_steps || [];
+    for (var i = box.children.length; i < urls.length; i++) {
+        var figure = document.createElement('figure');
+        figure.className = 'embtrain-preview';
+        var img = document.createElement('img');
+        img.src = urls[i];
+        img.alt = 'step ' + steps[i];
+        img.loading = 'lazy';
+        var caption = document.createElement('figcaption');
+        caption.textContent = 'step ' + steps[i];
+        figure.appendChild(img);
+        figure.appendChild(caption);
+        box.appendChild(figure);
+    }
 }
 
 function embtrainChartReset() {

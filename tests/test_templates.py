@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from embedding_trainer.errors import DatasetError
-from embedding_trainer.templates import BUILTIN_TEMPLATES, PromptBuilder, load_template
+from embedding_trainer.templates import BUILTIN_TEMPLATES, PromptBuilder, load_template, preview_prompt
 
 
 @pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
@@ -146,3 +146,10 @@ def test_prompt_builder_rejects_bad_arguments() -> None:
         PromptBuilder(["[name]"], "tok", tag_dropout=1.5)
     with pytest.raises(DatasetError):
         PromptBuilder([], "tok")
+
+
+def test_the_preview_prompt_is_the_first_line_with_the_trigger_and_no_caption(tmp_path):
+    assert preview_prompt("subject", "my-cat") == "a photo of a my-cat"
+    custom = tmp_path / "t.txt"
+    custom.write_text("[filewords], art by [name]\nignored [name]\n", encoding="utf-8")
+    assert preview_prompt(str(custom), "zed") == "art by zed"

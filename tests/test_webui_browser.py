@@ -2,18 +2,26 @@
 
 Needs ``EMBTRAIN_WEBUI_DIR`` and ``EMBTRAIN_WEBUI_PYTHON`` (as ``test_webui_integration.py``), the ``playwright``
 Python package and a Chromium (``EMBTRAIN_CHROMIUM``, default ``/usr/bin/chromium``; ``playwright install`` is not
-needed). The test fills the tab, starts a short run, waits for the result summary, checks that the loss chart was
-drawn and leaves a screenshot in its tmp folder.
+needed). The tests fill the tab, start short runs with previews, wait for the result summary, check the loss chart,
+the preview gallery, the trigger-name warnings and Stop during a live run, and leave screenshots in their tmp folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from conftest import make_images
+from PIL import Image
 from webui_launcher import PYTHON, WEBUI, running_webui
+
+from embedding_trainer.embedding_file import EmbeddingData, save_embedding
 
 CHROMIUM = os.environ.get("EMBTRAIN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -46,51 +54,104 @@ def _fill(page, elem_id: str, value: str) -> None:
     field.blur()
 
 
-def test_train_from_the_tab(webui_ui, tmp_path):
-    base, data = webui_ui
-    make_images(tmp_path / "images", count=4)
-    screenshot = tmp_path / "embtrain-tab.png"
+def _value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
+
+
+@contextlib.contextmanager
+def tab_page(base: str, screenshot: Path) -> Iterator[Any]:
+    """The Embedding Trainer tab in a fresh headless Chromium; a screenshot is left at ``screenshot`` either way."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.errors = []
+            page.on("pageerror", lambda error: page.errors.append(str(error)))
             page.goto(base, timeout=180_000)
             page.locator("#tabs button", has_text="Embedding Trainer").first.click(timeout=180_000)
             page.locator("#embtrain_name").first.wait_for(timeout=30_000)
-            _fill(page, "embtrain_name", "uicat")
-            _fill(page, "embtrain_init_text", "cat")
-            _fill(page, "embtrain_images", str(tmp_path / "images"))
-            _fill(page, "embtrain_max_steps", "15")
-            _fill(page, "embtrain_batch_size", "2")
-            _fill(page, "embtrain_resolution", "64")
-            page.locator("#embtrain_check").click()
-            page.locator("#embtrain_dataset_report", has_text="4 usable image(s)").first.wait_for(timeout=60_000)
-            page.locator("#embtrain_start").click()
             try:
-                page.wait_for_function(
-                    "() => gradioApp().querySelector('#embtrain_result').innerText.includes('uicat.safetensors')",
-                    timeout=180_000,
-                )
-            except Exception:
+                yield page
+            finally:
                 page.screenshot(path=str(screenshot), full_page=True)
-                raise AssertionError(
-                    f"no result; screenshot {screenshot}; result: "
-                    + page.locator("#embtrain_result").first.inner_html()
-                ) from None
-            canvas = page.locator("#embtrain_loss_canvas")
-            page.wait_for_function(
-                "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 15",
-                timeout=30_000,
-            )
-            points = int(canvas.get_attribute("data-points") or 0)
-            summary = page.locator("#embtrain_result").first.inner_text()
-            page.screenshot(path=str(screenshot), full_page=True)
+                sys.stderr.write(f"screenshot: {screenshot}\n")
         finally:
             browser.close()
-    sys.stderr.write(f"screenshot: {screenshot}\n")
+
+
+def _wait_js(page, condition: str, what: str, timeout: float = 180_000) -> None:
+    try:
+        page.wait_for_function(condition, timeout=timeout)
+    except Exception:
+        status = page.locator("#embtrain_status").first.inner_text()
+        result = page.locator("#embtrain_result").first.inner_html()
+        raise AssertionError(f"{what}; status: {status}; result: {result}") from None
+
+
+def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
+    base, data = webui_ui
+    make_images(tmp_path / "images", count=4)
+    with tab_page(base, tmp_path / "embtrain-tab.png") as page:
+        # The loaded model's native resolution (SD1: 512) is filled in when the page loads.
+        _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '512'", "no default")
+        _fill(page, "embtrain_name", "uicat")
+        _fill(page, "embtrain_init_text", "cat")
+        _fill(page, "embtrain_images", str(tmp_path / "images"))
+        _fill(page, "embtrain_max_steps", "15")
+        _fill(page, "embtrain_batch_size", "2")
+        _fill(page, "embtrain_resolution", "64")
+        _fill(page, "embtrain_learning_rate", "0.05")  # vectors that move enough to change the picture
+        _fill(page, "embtrain_preview_every", "5")
+        _fill(page, "embtrain_preview_steps", "4")
+        page.locator("#embtrain_check").click()
+        page.locator("#embtrain_dataset_report", has_text="4 usable image(s)").first.wait_for(timeout=60_000)
+        page.locator("#embtrain_start").click()
+        _wait_js(page, "() => gradioApp().querySelector('#embtrain_result').innerText.includes('uicat.safetensors')",
+                 "no result")  # fmt: skip
+        _wait_js(page, "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 15",
+                 "no chart", timeout=30_000)  # fmt: skip
+        # Previews at steps 5, 10 and 15, served by the API and decoded by the browser.
+        _wait_js(page, """() => {
+            const images = gradioApp().querySelectorAll('#embtrain_previews img');
+            return images.length === 3 && Array.from(images).every(i => i.complete && i.naturalWidth === 64);
+        }""", "no previews", timeout=30_000)  # fmt: skip
+        captions = page.locator("#embtrain_previews figcaption").all_inner_texts()
+        points = int(page.locator("#embtrain_loss_canvas").get_attribute("data-points") or 0)
+        summary = page.locator("#embtrain_result").first.inner_text()
+        errors = page.errors
     assert "uicat.safetensors" in summary and "Final loss" in summary, summary
-    assert points == 15
+    assert points == 15 and captions == ["step 5", "step 10", "step 15"]
     assert (data / "embeddings" / "uicat.safetensors").is_file()
+    previews = sorted(p.name for p in (data / "embtrain-runs" / "uicat" / "previews").iterdir())
+    assert previews == ["uicat-step000005.png", "uicat-step000010.png", "uicat-step000015.png"]
+    # Same seed and prompt: only the vectors differ, so identical images would mean stale conditioning.
+    pixels = [Image.open(data / "embtrain-runs" / "uicat" / "previews" / name).tobytes() for name in previews]
+    assert len(set(pixels)) == 3
+    assert not list((data / "embeddings").glob("*.png"))
     assert not [e for e in errors if "embtrain" in e.lower()], errors
+
+
+def test_name_warnings_and_stop_during_a_live_run(webui_ui, tmp_path):
+    base, data = webui_ui
+    make_images(tmp_path / "images", count=4)
+    save_embedding(EmbeddingData("taken", {"clip_l": torch.zeros(1, 32)}), data / "embeddings" / "taken.safetensors")
+    with tab_page(base, tmp_path / "embtrain-stop.png") as page:
+        _fill(page, "embtrain_name", "taken")
+        page.locator("#embtrain_name_check", has_text="already exists").first.wait_for(timeout=30_000)
+        _fill(page, "embtrain_name", "cat")  # one token the tokenizer knows
+        page.locator("#embtrain_name_check", has_text="single token").first.wait_for(timeout=30_000)
+        _fill(page, "embtrain_name", "stopcat-ti")
+        _wait_js(page, "() => gradioApp().querySelector('#embtrain_name_check').innerText.trim() === ''",
+                 "warnings left for a free name", timeout=30_000)  # fmt: skip
+        _fill(page, "embtrain_images", str(tmp_path / "images"))
+        _fill(page, "embtrain_max_steps", "100000")
+        _fill(page, "embtrain_resolution", "64")
+        page.locator("#embtrain_start").click()
+        _wait_js(page, "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 3",
+                 "no progress")  # fmt: skip
+        page.locator("#embtrain_stop").click()
+        _wait_js(page, "() => gradioApp().querySelector('#embtrain_result').innerText.includes('stopcat-ti')",
+                 "no result after Stop")  # fmt: skip
+        summary = page.locator("#embtrain_result").first.inner_text()
+    assert "stopped" in summary, summary
+    assert (data / "embeddings" / "stopcat-ti.safetensors").is_file()

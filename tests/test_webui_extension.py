@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi import FastAPI  # noqa: E402
@@ -27,7 +28,7 @@ from embedding_trainer.errors import HostError, TrainingError  # noqa: E402
 from embedding_trainer.host import EncoderInfo  # noqa: E402
 from embedding_trainer.trainer import TrainResult  # noqa: E402
 from embedding_trainer.webui import extension, host_symbols  # noqa: E402
-from embedding_trainer.webui.jobs import RunRecord  # noqa: E402
+from embedding_trainer.webui.jobs import PreviewOptions, RunRecord  # noqa: E402
 
 pytestmark = pytest.mark.compat
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ class State:
         self.job = ""
 
     def assign_current_image(self, image: Any) -> None:
-        pass
+        self.current_image = image
 
 
 class EmbeddingDatabase:
@@ -75,13 +76,43 @@ class EmbeddingDatabase:
         self.forced_reloads += int(force_reload)
 
 
+class Txt2Img:
+    """The keyword arguments of the host's ``StableDiffusionProcessingTxt2Img`` that previews use (v1.10)."""
+
+    def __init__(self, *, sd_model=None, prompt="", negative_prompt="", seed=-1, sampler_name=None, steps=50,
+                 cfg_scale=7.0, width=512, height=512, batch_size=1, n_iter=1, do_not_save_samples=False,
+                 do_not_save_grid=False):  # fmt: skip
+        self.prompt, self.seed, self.steps, self.size = prompt, seed, steps, (width, height)
+        self.do_not_reload_embeddings = False
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_processing(calls: list[Any]) -> types.SimpleNamespace:
+    """``modules.processing`` for previews: records what the pipeline saw at the moment it ran."""
+    processing_class = type("P", (), {"cached_c": [None, None], "cached_uc": [None, None]})
+
+    def process_images(p: Txt2Img) -> Any:
+        calls.append((p, p.do_not_reload_embeddings, list(processing_class.cached_c)))
+        processing_class.cached_c = ["cached", "cached"]  # what a real generation leaves behind
+        return types.SimpleNamespace(images=[Image.new("RGB", p.size, (len(calls), 0, 0))])
+
+    return types.SimpleNamespace(
+        StableDiffusionProcessing=processing_class, StableDiffusionProcessingTxt2Img=Txt2Img,
+        process_images=process_images,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     """Stand-in ``modules`` package; returns handles to what the glue touches."""
     registered: dict[str, list[Any]] = {}
     fakes = types.SimpleNamespace(
-        callbacks=registered, opts=Options(), state=State(), db=EmbeddingDatabase(), lock=threading.Lock()
-    )
+        callbacks=registered, opts=Options(), state=State(), db=EmbeddingDatabase(), lock=threading.Lock(),
+        generations=[],
+    )  # fmt: skip
     shared = types.ModuleType("modules.shared")
     shared.opts, shared.state, shared.OptionInfo, shared.sd_model = fakes.opts, fakes.state, OptionInfo, None
     shared.cmd_opts = types.SimpleNamespace(embeddings_dir=str(tmp_path / "embeddings"), api_auth="ann:se:cret")
@@ -92,7 +123,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamesp
         "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
         "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=object),
         "modules.call_queue": types.SimpleNamespace(queue_lock=fakes.lock, wrap_gradio_gpu_call=lambda f, **k: f),
-        "modules.processing": types.SimpleNamespace(StableDiffusionProcessing=type("P", (), {})),
+        "modules.processing": fake_processing(fakes.generations),
         "modules.paths": types.SimpleNamespace(data_path=str(tmp_path)),
         "modules.progress": types.SimpleNamespace(start_task=lambda i: None, finish_task=lambda i: None),
     }
@@ -195,6 +226,27 @@ def test_a_failed_run_reloads_the_embeddings_from_disk(webui):
     assert host.published == [] and webui.db.forced_reloads == 1
     glue.on_finished(RunRecord(id="embtrain-3", config=config), None)  # never ran: nothing to reload
     assert webui.db.forced_reloads == 1
+
+
+def test_previews_use_the_live_vectors_without_stale_conditioning_and_land_in_the_run_folder(webui):
+    glue = extension.register()
+    config = TrainConfig.from_dict(glue.config_defaults({"name": "my-cat", "images": "x", "resolution": 64}))
+    record = RunRecord(id="embtrain-4", config=config, preview=PreviewOptions(every=5, seed=42, steps=3))
+    webui.processing.cached_c = ["stale", "stale"]
+    paths = glue.manager._preview(record, 10)
+    p, no_reload, cache_seen = webui.generations[0]
+    # The template's first line with the trigger; the host must not reload the folder nor reuse cached conditioning.
+    assert (p.prompt, p.seed, p.steps, p.size) == ("a photo of a my-cat", 42, 3, (64, 64))
+    assert no_reload and cache_seen == [None, None] and p.closed
+    assert webui.processing.cached_c == [None, None]  # nothing left for the next txt2img either
+    assert paths == [Path(config.effective_run_dir) / "previews" / "my-cat-step000010.png"]
+    assert not paths[0].is_relative_to(config.output_dir)  # a file in the embeddings folder would trigger a reload
+    with Image.open(paths[0]) as image:
+        assert image.size == (64, 64) and image.getpixel((0, 0)) == (1, 0, 0)
+    assert webui.state.current_image is not None  # shown as the WebUI's live preview too
+    record = RunRecord(id="embtrain-5", config=config, preview=PreviewOptions(every=5, prompt="  my-cat on grass "))
+    glue.manager._preview(record, 5)
+    assert webui.generations[1][0].prompt == "my-cat on grass"
 
 
 def test_glue_modules_import_without_the_webui():

@@ -245,6 +245,8 @@ def test_the_loss_history_keeps_only_the_newest_points(tmp_path, api, monkeypatc
         ({"name": "my cat"}, "name", "not a valid trigger word"),
         ({"preview_every": -1}, "preview_every", "below the minimum 0"),
         ({"preview_every": True}, "preview_every", "expected int"),
+        ({"preview_prompt": 3}, "preview_prompt", "expected str"),
+        ({"preview_steps": 0}, "preview_steps", "below the minimum 1"),
         ({"preview_every": 2}, "preview_every", "previews are not available"),
     ],
 )
@@ -488,10 +490,10 @@ def test_the_history_keeps_the_newest_50_runs(tmp_path, api):
 
 
 def test_previews_every_n_steps_are_listed_and_served(tmp_path, api):
-    calls: list[tuple[int, tuple[int, ...]]] = []
+    calls: list[tuple[int, str, int]] = []
 
-    def preview(step: int, vectors: dict[str, torch.Tensor]) -> list[Path]:
-        calls.append((step, tuple(vectors["clip_l"].shape)))
+    def preview(record: RunRecord, step: int) -> list[Path]:
+        calls.append((step, record.preview.prompt, record.preview.seed))
         if step == 4:
             raise ValueError("sampler exploded")
         path = tmp_path / "previews" / f"step-{step}.png"
@@ -500,12 +502,15 @@ def test_previews_every_n_steps_are_listed_and_served(tmp_path, api):
         return [path]
 
     client, _ = api(preview=preview)
-    job_id = start(client, body(tmp_path, max_steps=5, preview_every=2))
+    job_id = start(
+        client, body(tmp_path, max_steps=5, preview_every=2, preview_prompt="itcat on grass", preview_seed=7)
+    )
     status = wait_done(client, job_id)
     assert status["state"] == "finished"  # a failed preview does not cost the run
-    assert calls == [(2, (1, 32)), (4, (1, 32))]
-    assert status["preview_every"] == 2
+    assert calls == [(2, "itcat on grass", 7), (4, "itcat on grass", 7)]
+    assert (status["preview_every"], status["preview_seed"], status["preview_steps"]) == (2, 7, 20)
     assert status["previews"] == [f"{V1}/runs/{job_id}/previews/0"]
+    assert status["preview_steps"] == 20 and status["preview_at_steps"] == [2]
     assert status["preview_paths"] == [str(tmp_path / "previews" / "step-2.png")]
     assert status["warnings"] == ["preview at step 4 failed: ValueError: sampler exploded"]
 
@@ -567,7 +572,8 @@ def test_the_config_schema_describes_every_field(api):
     assert fields["num_vectors"]["max"] == 75 and fields["tag_dropout"]["type"] == "float"
     assert fields["crop"]["choices"] == ["center", "random"] and fields["flip"]["type"] == "bool"
     assert fields["grad_clip_value"]["min_exclusive"] == 0.0
-    assert [o["name"] for o in schema["run_options"]] == ["preview_every"]
+    options = [o["name"] for o in schema["run_options"]]
+    assert options == ["preview_every", "preview_prompt", "preview_seed", "preview_steps"]
     assert schema["required"] == ["name", "images"]
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..errors import ConfigError, EmbeddingFileError
-from .jobs import RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
+from .jobs import PreviewOptions, RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
 
 PREFIX = "/embtrain/v1"
 
@@ -35,11 +35,12 @@ def register_routes(
 
     Routes (all JSON unless noted):
 
-    - ``POST {prefix}/runs``: body = ``TrainConfig`` fields (+ optional ``preview_every``) -> ``{"id", ...}``;
-      422 ``{"detail": [{"field", "message"}]}`` for an invalid body; 409 ``{"detail", "active_id"}`` while a run
-      is active.
+    - ``POST {prefix}/runs``: body = ``TrainConfig`` fields and the optional ``preview_*`` run options ->
+      ``{"id", ...}``; 422 ``{"detail": [{"field", "message"}]}`` for an invalid body; 409
+      ``{"detail", "active_id"}`` while a run is active.
     - ``GET {prefix}/runs`` -> ``{"runs": [...newest first], "active_id"}``.
-    - ``GET {prefix}/runs/{id}`` -> the run's status with ``loss_history`` and preview URLs; 404 for unknown ids.
+    - ``GET {prefix}/runs/{id}`` -> the run's status with ``loss_history``, preview URLs and their steps; 404 for
+      unknown ids.
     - ``POST {prefix}/runs/{id}/stop`` and ``POST {prefix}/stop`` (the active run); 404 unknown, 409 not active.
     - ``GET {prefix}/runs/{id}/previews/{n}`` -> the n-th preview image file.
     - ``GET {prefix}/config-schema`` -> every config field with type, default, help, choices and limits.
@@ -76,9 +77,9 @@ def register_routes(
             return _invalid("body", f"is not valid JSON ({error})")
         if not isinstance(body, dict):
             return _invalid("body", f"expected a JSON object of config fields, got {type(body).__name__}")
-        preview_every = body.pop("preview_every", 0)
         try:
-            job_id = manager.start(body, preview_every=preview_every)
+            preview = PreviewOptions.pop_from(body)
+            job_id = manager.start(body, preview=preview)
         except ConfigError as error:
             return _invalid(error.field, _message(error))
         except RunActiveError as error:

@@ -15,6 +15,7 @@ from ..trainer import TrainResult, output_path
 from . import host_symbols
 from .api import basic_auth_dependency, register_routes
 from .jobs import RunManager, RunRecord
+from .previews import PreviewRenderer
 from .state_bridge import SharedStateBridge
 from .tab import build_tab
 
@@ -45,11 +46,13 @@ class WebUIGlue:
     def __init__(self, symbols: host_symbols.WebUISymbols):
         self.symbols = symbols
         self.host: A1111Host | None = None
+        bridge = SharedStateBridge(symbols.shared.state, symbols.progress)
         self.manager = RunManager(
             make_host=self.make_host,
             run_exclusively=self.run_exclusively,
-            state_bridge=SharedStateBridge(symbols.shared.state, symbols.progress),
+            state_bridge=bridge,
             on_finished=self.on_finished,
+            preview=PreviewRenderer(symbols, self.reset_conditioning_cache, bridge.show_image),
             config_defaults=self.config_defaults,
         )
 

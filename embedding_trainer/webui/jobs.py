@@ -35,19 +35,60 @@ HISTORY_RUNS = 50
 STATES = ("queued", "running", "finished", "stopped", "failed")
 ACTIVE_STATES = frozenset({"queued", "running"})
 
+
+@dataclass(frozen=True)
+class PreviewOptions:
+    """Preview images of a run: every ``every`` steps (0: none), one image of ``prompt`` with a fixed seed.
+
+    An empty ``prompt`` means the first line of the run's template with the trigger in place. These are options of
+    the run, not of the training, so they live beside ``TrainConfig`` rather than in it.
+    """
+
+    every: int = 0
+    prompt: str = ""
+    seed: int = 1
+    steps: int = 20
+
+    @classmethod
+    def pop_from(cls, body: dict[str, Any]) -> PreviewOptions:
+        """Take the ``preview_*`` keys out of a request body and validate them (``ConfigError`` names the key)."""
+        values: dict[str, Any] = {}
+        for option in RUN_OPTIONS:
+            key = option["name"]
+            if key not in body:
+                continue
+            value = body.pop(key)
+            kind = option["type"]
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(key, f"{value!r} has type {type(value).__name__}; expected int")
+            if kind == "str" and not isinstance(value, str):
+                raise ConfigError(key, f"{value!r} has type {type(value).__name__}; expected str")
+            if option["min"] is not None and value < option["min"]:
+                raise ConfigError(key, f"{value!r} is below the minimum {option['min']}")
+            if option["max"] is not None and value > option["max"]:
+                raise ConfigError(key, f"{value!r} is above the maximum {option['max']}")
+            values[key.removeprefix("preview_")] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f"preview_{k}": v for k, v in self.__dict__.items()}
+
+
+def _run_option(
+    name: str, kind: str, default: Any, text: str, minimum: int | None, maximum: int | None = None
+) -> dict[str, Any]:
+    return {"name": name, "type": kind, "default": default, "help": text, "choices": None, "min": minimum,
+            "max": maximum, "min_exclusive": None, "accepts_number": False}  # fmt: skip
+
+
 #: Options of a run that are not part of ``TrainConfig`` (described like its fields, for forms and the API).
 RUN_OPTIONS: tuple[dict[str, Any], ...] = (
-    {
-        "name": "preview_every",
-        "type": "int",
-        "default": 0,
-        "help": "Render preview images every N steps (0: off).",
-        "choices": None,
-        "min": 0,
-        "max": None,
-        "min_exclusive": None,
-        "accepts_number": False,
-    },
+    _run_option("preview_every", "int", 0, "Render a preview image every N steps (0: off).", 0),
+    _run_option(
+        "preview_prompt", "str", "", "Prompt of the previews; empty: the template's first line with the trigger.", None
+    ),
+    _run_option("preview_seed", "int", 1, "Seed of the previews (the same for every preview of a run).", 0, 2**32 - 1),
+    _run_option("preview_steps", "int", 20, "Sampling steps of each preview.", 1, 150),
 )
 
 
@@ -63,8 +104,9 @@ class StateBridge(Protocol):
     def interrupted(self) -> bool: ...
 
 
-#: ``preview(step, vectors)`` renders images with the current vectors and returns the files it wrote.
-PreviewFn = Callable[[int, dict[str, torch.Tensor]], list[Path]]
+#: ``preview(record, step)`` renders the run's preview images with its vectors as they are now and returns the
+#: files it wrote.
+PreviewFn = Callable[["RunRecord", int], list[Path]]
 
 
 class RunActiveError(EmbeddingTrainerError):
@@ -93,7 +135,7 @@ class RunRecord:
 
     id: str
     config: TrainConfig
-    preview_every: int = 0
+    preview: PreviewOptions = field(default_factory=PreviewOptions)
     state: str = "queued"
     step: int = 0
     total_steps: int = 0
@@ -108,7 +150,7 @@ class RunRecord:
     error_type: str | None = None
     error_field: str | None = None
     result: dict[str, Any] | None = None
-    previews: list[str] = field(default_factory=list)
+    previews: list[tuple[int, str]] = field(default_factory=list)  # (step, image file)
     warnings: list[str] = field(default_factory=list)
     loss_history: deque[tuple[int, float, float]] = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY_POINTS))
     stop_requested: bool = False
@@ -142,8 +184,9 @@ class RunRecord:
             "error_type": self.error_type,
             "error_field": self.error_field,
             "result": dict(self.result) if self.result is not None else None,
-            "previews": list(self.previews),
-            "preview_every": self.preview_every,
+            "previews": [path for _, path in self.previews],
+            "preview_at_steps": [step for step, _ in self.previews],
+            **self.preview.to_dict(),
             "warnings": list(self.warnings),
             "stop_requested": self.stop_requested,
             "created_at": self.created_at,
@@ -164,7 +207,7 @@ class RunManager:
     run onto the host's progress state. ``on_finished(record, outcome)`` is called once when a run ends, with its
     ``TrainResult``, the exception that ended it, or None if it never ran; it runs inside the exclusive section
     and before the record shows the run as ended.
-    ``preview(step, vectors)`` renders preview images.
+    ``preview(record, step)`` renders preview images (see ``PreviewFn``).
     ``config_defaults(fields)`` fills host-specific defaults (output folder, run folder) into a dict body
     before it is validated; fields the caller gave are kept.
     """
@@ -194,13 +237,13 @@ class RunManager:
         self._finished_hooks: set[str] = set()  # runs whose on_finished was called
 
     # -- starting ------------------------------------------------------------------------------------------
-    def start(self, config: TrainConfig | dict[str, Any], *, preview_every: int = 0) -> str:
+    def start(self, config: TrainConfig | dict[str, Any], *, preview: PreviewOptions | None = None) -> str:
         """Validate ``config`` and run it in a background thread under ``run_exclusively``; returns the run id.
 
         Raises ``ConfigError`` (naming the field) for an invalid config and ``RunActiveError`` while another run
         is active. Everything that goes wrong after this returns is reported on the run's record.
         """
-        record = self._create(config, preview_every)
+        record = self._create(config, preview)
         thread = threading.Thread(target=self._run, args=(record, True), name=f"embtrain-run-{record.id}", daemon=True)
         with self._lock:
             self._threads[record.id] = thread
@@ -213,7 +256,7 @@ class RunManager:
         return record.id
 
     def start_sync(
-        self, config: TrainConfig | dict[str, Any], *, preview_every: int = 0, exclusive: bool = False
+        self, config: TrainConfig | dict[str, Any], *, preview: PreviewOptions | None = None, exclusive: bool = False
     ) -> dict[str, Any]:
         """Run ``config`` in the caller's thread and return the final :meth:`status`.
 
@@ -221,7 +264,7 @@ class RunManager:
         it does NOT call ``run_exclusively`` (the WebUI's lock is not re-entrant); ``exclusive=True`` takes it.
         Validation errors and ``RunActiveError`` are raised; errors during the run end up in the status.
         """
-        record = self._create(config, preview_every)
+        record = self._create(config, preview)
         self._run(record, exclusive)
         return self.status(record.id)
 
@@ -295,7 +338,7 @@ class RunManager:
             raise RunNotFoundError(job_id)
         return record
 
-    def _create(self, config: TrainConfig | dict[str, Any], preview_every: int) -> RunRecord:
+    def _create(self, config: TrainConfig | dict[str, Any], preview: PreviewOptions | None) -> RunRecord:
         if isinstance(config, TrainConfig):
             config = config.replace()  # a private, re-validated copy: later changes by the caller do not leak in
         elif isinstance(config, dict):
@@ -304,12 +347,8 @@ class RunManager:
             raise ConfigError("config", f"expected a TrainConfig or an object of fields, got {type(config).__name__}")
         config.require_for_training()
         check_output_free(config)  # refuse at once rather than after the model and images are prepared
-        if isinstance(preview_every, bool) or not isinstance(preview_every, int):
-            kind = type(preview_every).__name__
-            raise ConfigError("preview_every", f"{preview_every!r} has type {kind}; expected int")
-        if preview_every < 0:
-            raise ConfigError("preview_every", f"{preview_every!r} is below the minimum 0")
-        if preview_every and self._preview is None:
+        preview = preview or PreviewOptions()
+        if preview.every and self._preview is None:
             raise ConfigError("preview_every", "previews are not available here; use 0")
         with self._lock:
             if self._active is not None:
@@ -317,7 +356,7 @@ class RunManager:
             record = RunRecord(
                 id=f"embtrain-{uuid.uuid4().hex[:12]}",
                 config=config,
-                preview_every=preview_every,
+                preview=preview,
                 total_steps=config.max_steps,
             )
             self._records[record.id] = record
@@ -421,15 +460,16 @@ class RunManager:
             return record.stop_requested
 
         def on_step(step: int, vectors: dict[str, torch.Tensor]) -> None:
-            if self._preview is None or not record.preview_every or step % record.preview_every:
+            every = record.preview.every
+            if self._preview is None or not every or step % every:
                 return
             try:
-                paths = self._preview(step, vectors)
+                paths = self._preview(record, step)
             except Exception as error:  # a failed preview must not cost the run
                 self._warn(record, f"preview at step {step} failed: {type(error).__name__}: {error}")
                 return
             with self._lock:
-                record.previews.extend(str(Path(p)) for p in paths)
+                record.previews.extend((step, str(Path(p))) for p in paths)
 
         return Callbacks(on_progress=on_progress, on_status=on_status, on_step=on_step, should_stop=should_stop)
 

@@ -34,6 +34,9 @@ class SharedStateBridge:
         self.state.textinfo = "Embedding Trainer: preparing"
 
     def update(self, progress: Any, text: str) -> None:
+        # A preview is a txt2img inside the run: it counts its own job and sampling steps; take them back.
+        self.state.job_count = 1
+        self.state.job_no = 0
         if progress is not None:
             self.state.sampling_step = progress.step
             self.state.sampling_steps = progress.total_steps

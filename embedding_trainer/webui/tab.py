@@ -19,7 +19,7 @@ from typing import Any
 from ..config import NAME_PATTERN, TrainConfig, field_kind
 from ..errors import EmbeddingTrainerError
 from ..templates import builtin_template_names
-from .jobs import format_duration
+from .jobs import RUN_OPTIONS, PreviewOptions, format_duration
 
 TAB_TITLE = "Embedding Trainer"
 TAB_ID = "embtrain_tab"
@@ -127,6 +127,25 @@ def default_resolution(family: str | None, prediction_type: str | None = None) -
     if family == "sd2" and prediction_type in ("v", "v_prediction"):
         return 768
     return 512
+
+
+def run_options_body(values: Any) -> dict[str, Any]:
+    """The run options (``RUN_OPTIONS`` order) from the form: gradio numbers arrive as floats, or None when cleared."""
+    body: dict[str, Any] = {}
+    for option, value in zip(RUN_OPTIONS, values):
+        if value is None or value == "":
+            continue
+        if option["type"] == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        body[option["name"]] = value.strip() if isinstance(value, str) else value
+    return body
+
+
+def run_option_component(gr: Any, option: dict[str, Any]) -> Any:
+    common = {"label": field_label(option["name"]), "info": option["help"], "elem_id": f"embtrain_{option['name']}"}
+    if option["type"] == "int":
+        return gr.Number(value=option["default"], precision=0, minimum=option["min"], maximum=option["max"], **common)
+    return gr.Textbox(value=option["default"], lines=1, **common)
 
 
 def template_choices() -> list[str]:
@@ -352,7 +371,9 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
                     main_components = [component(spec) for spec in main_specs]
                 with gr.Accordion("Advanced", open=False, elem_id="embtrain_advanced"):
                     adv_components = [component(spec) for spec in adv_specs]
-                    preview_every = gr.Number(value=0, visible=False, precision=0, elem_id="embtrain_preview_every")
+                with gr.Accordion("Previews", open=True, elem_id="embtrain_previews_options"):
+                    with gr.Row():
+                        preview_components = [run_option_component(gr, option) for option in RUN_OPTIONS]
             with gr.Column(scale=2, elem_id="embtrain_output"):
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="embtrain_start")
@@ -366,6 +387,8 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
                 )
                 status = gr.HTML("Idle.", elem_id="embtrain_status")
                 result = gr.HTML(elem_id="embtrain_result")
+                # Filled by javascript/embtrain.js from the run's status as the images arrive.
+                gr.HTML("<div id='embtrain_previews' class='embtrain-previews'></div>", elem_id="embtrain_preview_box")
                 dataset_report = gr.Markdown(elem_id="embtrain_dataset_report")
                 gallery = gr.Gallery(label="Dataset", elem_id="embtrain_gallery", columns=6, height="auto")
                 task_id = gr.Textbox(visible=False, elem_id="embtrain_task_id")
@@ -389,8 +412,9 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
         check.click(fn=do_check, inputs=[images, recursive], outputs=[dataset_report, gallery])
 
         def do_start(task: str, *values: Any):
-            name_value, existing_value, init_value, vectors_value, images_value, preview = values[:6]
-            rest = values[6:]
+            name_value, existing_value, init_value, vectors_value, images_value = values[:5]
+            preview_values = values[5 : 5 + len(RUN_OPTIONS)]
+            rest = values[5 + len(RUN_OPTIONS) :]
             own = {"name": str(name_value or "").strip(), "images": str(images_value or "").strip()}
             if existing_value and existing_value != NEW_EMBEDDING:
                 own["init_mode"] = "file"
@@ -402,7 +426,8 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
             body.update(form_config(main_specs, list(rest[: len(main_specs)]), initial, always=MAIN_FIELDS))
             body.update(form_config(adv_specs, list(rest[len(main_specs) :]), initial))
             try:
-                final = glue.manager.start_sync(body, preview_every=int(preview or 0))
+                preview = PreviewOptions.pop_from(run_options_body(preview_values))
+                final = glue.manager.start_sync(body, preview=preview)
             except EmbeddingTrainerError as error:
                 return status_line(None), result_html(None, f"{type(error).__name__}: {error}")
             return html.escape(status_line(final)), result_html(final)
@@ -411,7 +436,8 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
         start.click(
             fn=wrapped,
             _js="embtrain_start",
-            inputs=[task_id, name, existing, init_text, num_vectors, images, preview_every]
+            inputs=[task_id, name, existing, init_text, num_vectors, images]
+            + preview_components
             + main_components
             + adv_components,
             outputs=[status, result],
