@@ -86,6 +86,9 @@ class TrainConfig:
         ("auto", "fp32", "fp16", "bf16"),
     )
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in backward: less memory, slower.")
+    vae_to_cpu: bool = _f(
+        False, "Move the VAE to system RAM once every latent is cached (frees GPU memory; not with random crop)."
+    )
     seed: int = _f(0, "Random seed; the same seed and data give the same run.", min=0)
 
     # ------------------------------------------------------------------------------------------------
@@ -145,6 +148,11 @@ class TrainConfig:
             )
         if self.resolution and self.resolution < 64:
             raise ConfigError("resolution", f"{self.resolution} is too small; use at least 64")
+        if self.vae_to_cpu and self.crop == "random":
+            raise ConfigError(
+                "vae_to_cpu",
+                "random crop encodes images at every step and needs the VAE; use crop 'center' or turn it off",
+            )
         if self.timestep_min > self.timestep_max:
             raise ConfigError(
                 "timestep_min", f"{self.timestep_min} is above timestep_max {self.timestep_max}; make it lower"

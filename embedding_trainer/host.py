@@ -92,6 +92,9 @@ class Host(Protocol):
     def training_session(self, gradient_checkpointing: bool) -> contextlib.AbstractContextManager[None]:
         """Prepare the model for a run (freeze weights, wrap blocks) and undo every change on exit."""
 
+    def offload_image_encoder(self) -> None:
+        """Move the image encoder (VAE) to system RAM until the training session ends (latents are cached)."""
+
 
 @contextlib.contextmanager
 def frozen(*modules: torch.nn.Module) -> Iterator[None]:

@@ -271,7 +271,8 @@ class Trainer:
             f" {self.batches_per_epoch} batches per epoch",
             f"  optimiser: AdamW lr {lr}" + (f", warm-up {c.lr_warmup_steps}" if c.lr_warmup_steps else ""),
             f"  device:    {self.device}, {self.precision}"
-            + (", gradient checkpointing" if c.gradient_checkpointing else ""),
+            + (", gradient checkpointing" if c.gradient_checkpointing else "")
+            + (", VAE in RAM after caching" if c.vae_to_cpu else ""),
             f"  output:    {self.output_path} (run folder {self.run_dir})",
         ]
         if self.host.known_token_count(c.name) == 1:
@@ -485,6 +486,9 @@ class Trainer:
                 log.writerow(["step", "loss", "smoothed_loss", "learning_rate", "elapsed_s"])
             try:
                 self._fill_cache()
+                if c.vae_to_cpu:
+                    self._status("moving the VAE to system RAM (every latent is cached)")
+                    self.host.offload_image_encoder()
                 self._status("training")
                 loop_start = time.perf_counter()
                 while step < c.max_steps:

@@ -252,3 +252,14 @@ def test_latents_are_encoded_once_and_reused_across_epochs(tmp_path, host, monke
     calls.clear()
     Trainer(config(tmp_path / "random-crop", max_steps=3, crop="random"), host).run()
     assert sum(calls) == 6  # random crops cannot be cached: each micro-batch is encoded
+
+
+def test_the_vae_moves_to_ram_once_latents_are_cached_and_never_encodes_again(tmp_path, host, monkeypatch):
+    events: list[str] = []
+    original_encode = host.encode_images
+    monkeypatch.setattr(host, "offload_image_encoder", lambda: events.append("offload"))
+    monkeypatch.setattr(host, "encode_images", lambda pixels: events.append("encode") or original_encode(pixels))
+    Trainer(config(tmp_path, max_steps=3, vae_to_cpu=True), host).run()
+    assert events[-1] == "offload" and events.count("offload") == 1 and "encode" in events
+    with pytest.raises(ConfigError, match="vae_to_cpu: random crop encodes images at every step"):
+        config(tmp_path, vae_to_cpu=True, crop="random")

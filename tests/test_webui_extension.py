@@ -126,6 +126,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamesp
         "modules.processing": fake_processing(fakes.generations),
         "modules.paths": types.SimpleNamespace(data_path=str(tmp_path)),
         "modules.progress": types.SimpleNamespace(start_task=lambda i: None, finish_task=lambda i: None),
+        "modules.lowvram": types.SimpleNamespace(send_everything_to_cpu=lambda: None),
     }
     callbacks = types.ModuleType("modules.script_callbacks")
     for name in ("on_app_started", "on_ui_settings", "on_before_reload", "on_script_unloaded", "on_ui_tabs"):

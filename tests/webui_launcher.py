@@ -41,7 +41,8 @@ def running_webui(data: Path, models: Path, with_ui: bool) -> Iterator[str]:
     # Offline: the default live-preview method would download a model at the first preview.
     (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1")  # fmt: skip
     command = [
         PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
         "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
@@ -54,10 +55,14 @@ def running_webui(data: Path, models: Path, with_ui: bool) -> Iterator[str]:
         try:
             deadline = time.monotonic() + 300
             while True:
+                # No request before start-up has finished: in UI mode the host adds its API middleware after the
+                # server is already listening, and starlette refuses that once any request has been served.
+                started = b"Startup time:" in (data / "webui.log").read_bytes()
                 with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(base + "/embtrain/v1/runs", timeout=10) as response:
-                        if response.status == 200:
-                            break
+                    if started:
+                        with urllib.request.urlopen(base + "/embtrain/v1/runs", timeout=10) as response:
+                            if response.status == 200:
+                                break
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail("the WebUI did not start:\n" + (data / "webui.log").read_text(errors="replace")[-4000:])
                 time.sleep(1)

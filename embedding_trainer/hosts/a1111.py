@@ -21,6 +21,9 @@ import torch
 from ..errors import HostError
 from ..host import EncoderInfo, ImageInfo, ModelFamily, checkpointed, frozen
 
+#: The forward pre-hook --medvram/--lowvram install on the modules they swap (modules/lowvram.py).
+LOWVRAM_HOOK = "send_me_to_gpu"
+
 
 def model_family(sd_model: Any) -> ModelFamily:
     """SD1, SD2 or SDXL; a clear refusal for anything else the WebUI can load."""
@@ -46,13 +49,15 @@ def model_family(sd_model: Any) -> ModelFamily:
 class A1111Host:
     """Presents ``shared.sd_model`` to the training core (see ``embedding_trainer.host.Host``)."""
 
-    def __init__(self, sd_model: Any, embedding_db: Any, embedding_class: Any):
+    def __init__(self, sd_model: Any, embedding_db: Any, embedding_class: Any, lowvram: Any = None):
         self.sd_model = sd_model
         self.embedding_db = embedding_db
         self.embedding_class = embedding_class
+        self.lowvram = lowvram  # modules.lowvram: --medvram/--lowvram swap modules between RAM and the GPU
         self.family: ModelFamily = model_family(sd_model)
         unet = sd_model.model.diffusion_model
-        self.device = next(unet.parameters()).device
+        # The model object's device, not the UNet's: --medvram may have parked the UNet in RAM just now.
+        self.device = torch.device(getattr(sd_model, "device", None) or next(unet.parameters()).device)
         self.unet_dtype = next(unet.parameters()).dtype
         self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
         keys = ("clip_l", "clip_g") if self.family == "sdxl" else ("clip_h" if self.family == "sd2" else "clip_l",)
@@ -105,16 +110,16 @@ class A1111Host:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.sd_model.first_stage_model
-        dtype = next(vae.parameters()).dtype
-        mean, std = self._vae_moments(vae, pixels.to(self.device, dtype))
-        if dtype != torch.float32 and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            # The SDXL VAE overflows in fp16 unless it is the fp16-fix VAE: encode in fp32 once, then restore.
-            vae.float()
-            try:
-                mean, std = self._vae_moments(vae, pixels.to(self.device, torch.float32))
-            finally:
-                vae.to(dtype)
+        with self.vae_on_device() as vae:
+            dtype = next(vae.parameters()).dtype
+            mean, std = self._vae_moments(vae, pixels.to(self.device, dtype))
+            if dtype != torch.float32 and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                # The SDXL VAE overflows in fp16 unless it is the fp16-fix VAE: encode in fp32 once, then restore.
+                vae.float()
+                try:
+                    mean, std = self._vae_moments(vae, pixels.to(self.device, torch.float32))
+                finally:
+                    vae.to(dtype)
         scale = float(self.sd_model.scale_factor)
         return (mean * scale).float(), (std * scale).float()
 
@@ -125,6 +130,25 @@ class A1111Host:
         moments = vae.quant_conv(vae.encoder(pixels))
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+
+    @contextlib.contextmanager
+    def vae_on_device(self) -> Iterator[Any]:
+        """The VAE on the compute device for a moment, wherever it was parked (RAM under --medvram or after
+        ``offload_image_encoder``); it goes back afterwards. Encoding calls the VAE's submodules directly, which
+        --medvram's hooks (on ``encode``/``decode``/``forward``) would not see."""
+        vae = self.sd_model.first_stage_model
+        where = next(vae.parameters()).device
+        if where == self.device:
+            yield vae
+            return
+        vae.to(self.device)
+        try:
+            yield vae
+        finally:
+            vae.to(where)
+
+    def offload_image_encoder(self) -> None:
+        self.sd_model.first_stage_model.to("cpu")
 
     def _live_embedding(self, trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
         """The registered Embedding for ``trigger`` carrying ``vectors`` (the core's trainable leaves)."""
@@ -177,11 +201,63 @@ class A1111Host:
             # but the vectors get no gradient (the core's first-step check would stop the run).
             for embedder in embedders:
                 embedder.is_trainable = True
-            with frozen(sd_model), checkpointed(blocks):
+            with frozen(sd_model), self._resident_for_training(), self._vae_returns(), checkpointed(blocks):
                 yield
         finally:
             for embedder, flag in zip(embedders, trainable):
                 embedder.is_trainable = flag
+
+    @contextlib.contextmanager
+    def _vae_returns(self) -> Iterator[None]:
+        """The VAE ends the run where it started (``offload_image_encoder`` and previews move it)."""
+        vae = self.sd_model.first_stage_model
+        where = next(vae.parameters()).device
+        try:
+            yield
+        finally:
+            if next(vae.parameters()).device != where:
+                vae.to(where)
+
+    @contextlib.contextmanager
+    def _resident_for_training(self) -> Iterator[None]:
+        """Under --medvram/--lowvram, the text encoders and the UNet on the device together for the run.
+
+        Those modes keep one big module on the GPU and swap modules in forward pre-hooks. Backward runs through
+        the text encoder after the UNet's forward, so a swap between them would leave saved activations and weights
+        on different devices. For the run the hooks are lifted and both stay on the device; afterwards every
+        tensor goes back to where it was and the hooks return. The VAE comes in only to encode
+        (``vae_on_device``) or to decode a preview.
+        """
+        sd_model = self.sd_model
+        if not getattr(sd_model, "lowvram", False):
+            yield
+            return
+        text = sd_model.conditioner if self.family == "sdxl" else sd_model.cond_stage_model
+        residents = (sd_model.model, text)
+        if self.lowvram is not None:
+            self.lowvram.send_everything_to_cpu()  # its bookkeeping must not point at a module we move
+        # Per tensor: --lowvram keeps a few small UNet parts on the GPU for good, next to the swapped blocks.
+        placement = [(t, t.device) for part in residents for t in (*part.parameters(), *part.buffers())]
+        lifted = [
+            (module, key, hook)
+            for part in residents
+            for module in part.modules()
+            for key, hook in list(module._forward_pre_hooks.items())
+            if getattr(hook, "__name__", "") == LOWVRAM_HOOK
+        ]
+        try:
+            for module, key, _ in lifted:
+                del module._forward_pre_hooks[key]
+            for part in residents:
+                part.to(self.device)
+            yield
+        finally:
+            for tensor, device in placement:
+                tensor.data = tensor.data.to(device)
+            for module, key, hook in lifted:
+                module._forward_pre_hooks[key] = hook
+            if self.lowvram is not None:
+                self.lowvram.send_everything_to_cpu()  # a preview's decode may have left the VAE marked as loaded
 
     # -- after a run ---------------------------------------------------------------------------------------
     def publish(self, trigger: str, vectors: dict[str, torch.Tensor], step: int, path: str, sha256: str) -> Any:

@@ -270,6 +270,7 @@ class DiffusersHost:
     def training_session(self, gradient_checkpointing: bool = False) -> Iterator[None]:
         models = (self.unet, self.vae, *self.text_encoders)
         modes = [m.training for m in models]
+        vae_device = next(self.vae.parameters()).device
         blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks] if gradient_checkpointing else []
         try:
             for m in models:
@@ -279,6 +280,10 @@ class DiffusersHost:
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
+            self.vae.to(vae_device)  # back from offload_image_encoder
+
+    def offload_image_encoder(self) -> None:
+        self.vae.to("cpu")
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _vae_factor(self) -> int:

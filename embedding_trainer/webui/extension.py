@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -52,15 +53,20 @@ class WebUIGlue:
             run_exclusively=self.run_exclusively,
             state_bridge=bridge,
             on_finished=self.on_finished,
-            preview=PreviewRenderer(symbols, self.reset_conditioning_cache, bridge.show_image),
+            preview=PreviewRenderer(symbols, self.reset_conditioning_cache, bridge.show_image, self.vae_on_device),
             config_defaults=self.config_defaults,
         )
 
     # -- the run manager's host side ------------------------------------------------------------------------
     def make_host(self, config: Any) -> A1111Host:
-        shared = self.symbols.shared
-        self.host = A1111Host(shared.sd_model, self.symbols.model_hijack.embedding_db, self.symbols.embedding_class)
+        symbols = self.symbols
+        db = symbols.model_hijack.embedding_db
+        self.host = A1111Host(symbols.shared.sd_model, db, symbols.embedding_class, symbols.lowvram)
         return self.host
+
+    def vae_on_device(self) -> contextlib.AbstractContextManager[Any]:
+        # A preview decodes with the VAE, which the run may have moved to RAM (vae_to_cpu).
+        return self.host.vae_on_device() if self.host is not None else contextlib.nullcontext()
 
     def run_exclusively(self, fn: Any) -> Any:
         # txt2img and friends wait while a run holds the GPU; the host's hijack state is global.

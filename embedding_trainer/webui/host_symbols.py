@@ -39,6 +39,7 @@ class WebUISymbols:
     processing: Any  # modules.processing (StableDiffusionProcessing caches, previews)
     paths: Any  # modules.paths (data_path, models_path)
     progress: Any  # modules.progress (task ids behind /internal/progress)
+    lowvram: Any  # modules.lowvram (--medvram/--lowvram module swapping)
 
 
 def load() -> WebUISymbols:
@@ -53,4 +54,5 @@ def load() -> WebUISymbols:
         processing=_symbol("modules.processing"),
         paths=_symbol("modules.paths"),
         progress=_symbol("modules.progress"),
+        lowvram=_symbol("modules.lowvram"),
     )

@@ -10,6 +10,8 @@ embeddings folder.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,17 @@ def run_preview_prompt(record: RunRecord) -> str:
 class PreviewRenderer:
     """``RunManager``'s ``preview`` hook for the WebUI. Called on the training thread, which holds the queue lock."""
 
-    def __init__(self, symbols: Any, reset_conditioning_cache: Any, show_image: Any = None):
+    def __init__(
+        self,
+        symbols: Any,
+        reset_conditioning_cache: Callable[[], None],
+        show_image: Callable[[Any], None] | None = None,
+        vae_on_device: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ):
         self.symbols = symbols
         self.reset_conditioning_cache = reset_conditioning_cache
         self.show_image = show_image
+        self.vae_on_device = vae_on_device
 
     def __call__(self, record: RunRecord, step: int) -> list[Path]:
         processing = self.symbols.processing
@@ -54,7 +63,8 @@ class PreviewRenderer:
         p.do_not_reload_embeddings = True
         self.reset_conditioning_cache()
         try:
-            processed = processing.process_images(p)
+            with self.vae_on_device():
+                processed = processing.process_images(p)
         finally:
             p.close()
             self.reset_conditioning_cache()  # txt2img after the run must not reuse this step's conditioning
