@@ -1,15 +1,20 @@
-"""Opt-in: the extension inside a real AUTOMATIC1111 WebUI (v1.10.x) on the CPU, with a tiny exported checkpoint.
+"""Opt-in: the extension inside a real AUTOMATIC1111 WebUI (v1.10.x) on the CPU, with tiny exported SD1, SD2
+(v-prediction) and SDXL checkpoints.
 
 Set ``EMBTRAIN_WEBUI_DIR`` (a WebUI checkout whose ``repositories/`` are in place) and ``EMBTRAIN_WEBUI_PYTHON``
-(the Python that runs it). The test starts the WebUI API-only on a free loopback port with a private data folder
-(this repository linked in as its only extension, the checkpoint in its models folder), trains through
-``/embtrain/v1``, and checks the host: ``GET /sdapi/v1/embeddings`` lists the embedding and a txt2img whose
-prompt uses the trigger reports it in ``TI hashes`` with the file's hash, also after a forced reload.
+(the Python that runs it). For each family the tests start one WebUI, API-only, on a free loopback port with a
+private data folder (this repository linked in as its extension, the checkpoint in its models folder, and for
+SD2/SDXL a test-only extension that registers the tiny OpenCLIP architecture), train through ``/embtrain/v1``, and
+check the host: ``GET /sdapi/v1/embeddings`` lists the embedding with the model's width (SDXL: CLIP-L + OpenCLIP-G),
+every trained vector moved away from its initial value (the real host gave it a nonzero gradient: SDXL's
+conditioner gives none unless the adapter makes its text embedders trainable), and a txt2img whose prompt uses the
+trigger reports it in ``TI hashes`` with the file's hash, also after a forced reload.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -17,12 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import make_images
-from webui_launcher import MISSING, PYTHON, WEBUI, running_webui
+from webui_launcher import MISSING, PYTHON, REGISTERED, WEBUI, checkpoint_name, running_webui
 
-from embedding_trainer.embedding_file import file_sha256
+from embedding_trainer.embedding_file import file_sha256, load_embedding
 
 pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
+
+#: Per family and encoder key: the token-embedding table in the exported checkpoint (init_text's vectors' source).
+FAMILIES = {
+    "sd1": {"clip_l": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
+    "sd2": {"clip_h": "cond_stage_model.model.token_embedding.weight"},
+    "sdxl": {
+        "clip_l": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+        "clip_g": "conditioner.embedders.1.model.token_embedding.weight",
+    },
+}
+CAT = 2368  # CLIP's token id of "cat"
 
 
 class Client:
@@ -40,12 +57,16 @@ class Client:
             return error.code, json.loads(error.read() or b"null")
 
 
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory: pytest.TempPathFactory):
-    data = tmp_path_factory.mktemp("webui-data")
-    with running_webui(data, tmp_path_factory.mktemp("tiny"), with_ui=False) as base:
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def webui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One WebUI per family for the whole module (pytest runs every test of one family before the next)."""
+    family = request.param
+    data = tmp_path_factory.mktemp(f"webui-data-{family}")
+    with running_webui(data, tmp_path_factory.mktemp("tiny"), with_ui=False, family=family) as base:
         client = Client(base)
         client.data = data
+        client.family = family
+        client.checkpoint = data / "models" / "Stable-diffusion" / f"{checkpoint_name(family)}.safetensors"
         yield client
 
 
@@ -67,25 +88,67 @@ def infotext(client: Client, prompt: str) -> str:
     return json.loads(reply["info"])["infotexts"][0]
 
 
+def ti_hashes(text: str) -> list[str]:
+    """The ``TI hashes`` entries of an infotext (SDXL lists an embedding once per text encoder)."""
+    match = re.search(r'TI hashes: "([^"]*)"', text)
+    return match[1].split(", ") if match else []
+
+
+def test_the_host_loaded_the_family(webui):
+    """The WebUI built the tiny model of this family (SD2/SDXL: after the test extension registered the OpenCLIP
+    architecture) and the extension sees it."""
+    log = (webui.data / "webui.log").read_text(errors="replace")
+    assert (REGISTERED in log) == (webui.family != "sd1"), log[-3000:]
+    models = webui.request("GET", "/sdapi/v1/sd-models")[1]
+    assert [m["model_name"] for m in models] == [checkpoint_name(webui.family)]
+
+
 def test_train_through_the_api_and_use_the_trigger_at_once(webui, tmp_path):
+    from safetensors.torch import load_file
+
     make_images(tmp_path / "images", count=4)
     body = {"name": "itcat", "images": str(tmp_path / "images"), "max_steps": 12, "resolution": 64,
-            "batch_size": 2, "num_vectors": 2, "init_text": "cat"}  # fmt: skip
+            "batch_size": 2, "num_vectors": 2, "init_text": "cat", "weight_decay": 0.0}  # fmt: skip
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
     assert run["state"] == "finished", run["error"]
+    # The adapter saw the family, prediction type and encoders the checkpoint's config defines.
+    assert run["model"]["family"] == webui.family
+    assert run["model"]["prediction_type"] == ("v_prediction" if webui.family == "sd2" else "epsilon")
+    assert list(run["model"]["encoders"]) == list(FAMILIES[webui.family])
     path = Path(run["result"]["embedding_path"])
     assert path == webui.data / "embeddings" / "itcat.safetensors" and path.is_file()
     assert not Path(run["result"]["run_dir"]).is_relative_to(webui.data / "embeddings")
+
+    # Every vector of every encoder moved away from init_text's token row. With no weight decay only a gradient
+    # moves it, so the real host connected each encoder's vectors to the loss (SDXL: both of them).
+    token_tables = FAMILIES[webui.family]
+    checkpoint = load_file(str(webui.checkpoint))
+    trained = load_embedding(path).vectors
+    keys = list(token_tables) if webui.family == "sdxl" else ["vec"]
+    assert sorted(trained) == sorted(keys)
+    widths = {}
+    for key, table in token_tables.items():
+        vectors = trained[key if webui.family == "sdxl" else "vec"]
+        init = checkpoint[table][CAT]
+        widths[key] = init.shape[0]
+        assert vectors.shape == (2, init.shape[0]) and torch.isfinite(vectors).all()
+        moved = (vectors - init).abs().amax(dim=1)
+        print(f"{webui.family} {key}: max |trained - init| per vector {moved.tolist()}")
+        assert (moved > 1e-6).all(), f"{webui.family} {key}: vectors did not move ({moved.tolist()})"
+
     loaded = webui.request("GET", "/sdapi/v1/embeddings")[1]["loaded"]
     assert loaded["itcat"]["vectors"] == 2 and loaded["itcat"]["step"] == 12
-    expected = f'TI hashes: "itcat: {file_sha256(path)[:12]}"'
-    assert expected in infotext(webui, "a photo of itcat")
+    assert loaded["itcat"]["shape"] == sum(widths.values())  # SDXL: CLIP-L + OpenCLIP-G widths (768 + 1280 real)
+    expected = f"itcat: {file_sha256(path)[:12]}"
+    hashes = ti_hashes(infotext(webui, "a photo of itcat"))
+    print(f"{webui.family}: embeddings entry {loaded['itcat']}, TI hashes {hashes}")
+    assert hashes and set(hashes) == {expected}, hashes
     # A forced reload reads the same result from disk.
     assert webui.request("POST", "/sdapi/v1/refresh-embeddings")[0] == 200
     assert "itcat" in webui.request("GET", "/sdapi/v1/embeddings")[1]["loaded"]
-    assert expected in infotext(webui, "itcat on a table")
+    assert set(ti_hashes(infotext(webui, "itcat on a table"))) == {expected}
 
 
 def test_errors_reach_the_api(webui, tmp_path):
@@ -99,8 +162,9 @@ def test_errors_reach_the_api(webui, tmp_path):
 
 def test_checkpointing_and_stop_on_the_real_host(webui, tmp_path):
     make_images(tmp_path / "images", count=4)
+    # Random init reads the host's token-embedding tables (the OpenCLIP ones for SD2/SDXL).
     body = {"name": "itstop", "images": str(tmp_path / "images"), "max_steps": 100000, "resolution": 64,
-            "gradient_checkpointing": True}  # fmt: skip
+            "gradient_checkpointing": True, "init_mode": "random"}  # fmt: skip
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     deadline = time.monotonic() + 120
@@ -112,3 +176,25 @@ def test_checkpointing_and_stop_on_the_real_host(webui, tmp_path):
     assert run["state"] == "stopped" and run["step"] >= 3
     assert Path(run["result"]["embedding_path"]).is_file()
     assert "itstop" in webui.request("GET", "/sdapi/v1/embeddings")[1]["loaded"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_medvram_previews_and_vae_in_ram(family, tmp_path):
+    """--medvram swaps modules between RAM and the device in forward hooks; a run lifts them for its duration
+    (UNet and text encoders together, the VAE only to encode or preview) and puts them back, so generations after
+    the run still work."""
+    make_images(tmp_path / "images", count=4)
+    data = tmp_path / "data"
+    with running_webui(data, tmp_path / "tiny", with_ui=False, family=family, extra_args=["--medvram"]) as base:
+        client = Client(base)
+        body = {"name": "medcat", "images": str(tmp_path / "images"), "max_steps": 6, "resolution": 64,
+                "vae_to_cpu": True, "gradient_checkpointing": True, "preview_every": 3, "preview_steps": 2}  # fmt: skip
+        status, reply = client.request("POST", "/embtrain/v1/runs", body)
+        assert status == 200, reply
+        run = wait_finished(client, reply["id"])
+        assert run["state"] == "finished" and not run["warnings"], (run["error"], run["warnings"])
+        assert run["preview_at_steps"] == [3, 6]
+        assert all(Path(p).is_file() for p in run["preview_paths"])
+        path = Path(run["result"]["embedding_path"])
+        assert f'medcat: {file_sha256(path)[:12]}' in infotext(client, "a photo of medcat")
+    assert "medvram" in (data / "webui.log").read_text(errors="replace")

@@ -184,6 +184,8 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     status = wait_done(client, job_id)
     assert status["state"] == "finished", status["error"]
     assert status["error"] is None and status["active"] is False
+    assert status["model"] == {"name": host.model_name, "family": "sd1", "prediction_type": "epsilon",
+                               "encoders": {"clip_l": 32}}  # fmt: skip
     assert (status["step"], status["total_steps"]) == (3, 3)
     assert [point[0] for point in status["loss_history"]] == [1, 2, 3]
     assert all(isinstance(v, float) and v > 0 for point in status["loss_history"] for v in point[1:])

@@ -1,5 +1,11 @@
 """Starts a real WebUI for the opt-in tiers: a private data folder with this repository as its only extension
-and a tiny exported SD1 checkpoint, on a free loopback port. Not a test module."""
+and a tiny exported SD1, SD2 or SDXL checkpoint, on a free loopback port. Not a test module.
+
+SD2 and SDXL have OpenCLIP text encoders whose tiny architecture open_clip does not know: the exporter writes its
+open_clip model config beside the checkpoint, and a test-only extension written into the data folder registers it
+(``open_clip.add_model_config``) when the WebUI imports extension scripts, which it does before it loads the model.
+That registration is test tooling, not part of the product's extension.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,17 @@ WEBUI = os.environ.get("EMBTRAIN_WEBUI_DIR")
 PYTHON = os.environ.get("EMBTRAIN_WEBUI_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "set EMBTRAIN_WEBUI_DIR (a WebUI v1.10 checkout with its repositories) and EMBTRAIN_WEBUI_PYTHON"
+#: The line the test-only extension prints once it has registered the tiny OpenCLIP architecture.
+REGISTERED = "embtrain-test: registered open_clip config"
+
+_REGISTER_SCRIPT = '''"""Test-only, written by embedding-trainer's tests/webui_launcher.py: register the tiny OpenCLIP
+architecture of the exported checkpoint before the WebUI builds the model."""
+
+import open_clip
+
+open_clip.add_model_config({path!r})
+print({message!r}, {path!r}, flush=True)
+'''
 
 
 def _free_port() -> int:
@@ -28,18 +45,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_webui(data: Path, models: Path, with_ui: bool) -> Iterator[str]:
-    """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers."""
+def checkpoint_name(family: str) -> str:
+    return "embtrain-tiny" if family == "sd1" else f"embtrain-tiny-{family}"
+
+
+def prepare_data_folder(data: Path, models: Path, family: str = "sd1") -> Path:
+    """The WebUI's private data folder: this repository as an extension, the tiny checkpoint of ``family`` (and,
+    for SD2/SDXL, the extension that registers its OpenCLIP architecture). Returns the checkpoint."""
     from embedding_trainer.standalone.export_a1111 import export_a1111
     from embedding_trainer.standalone.tiny_models import save_tiny_model
 
     (data / "extensions").mkdir(parents=True)
     (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)
-    model = save_tiny_model("sd1", models / "sd1", seed=0, webui_loadable=True)
-    checkpoint = export_a1111(model, data / "models" / "Stable-diffusion" / "embtrain-tiny").checkpoint
+    model = save_tiny_model(family, models / family, seed=0, webui_loadable=True)
+    result = export_a1111(model, data / "models" / "Stable-diffusion" / checkpoint_name(family))
+    if result.open_clip_config is not None:
+        scripts = data / "extensions" / "embtrain-test-open-clip" / "scripts"
+        scripts.mkdir(parents=True)
+        (scripts / "embtrain_test_open_clip.py").write_text(
+            _REGISTER_SCRIPT.format(path=str(result.open_clip_config.resolve()), message=REGISTERED),
+            encoding="utf-8",
+        )
     # Offline: the default live-preview method would download a model at the first preview.
     (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
+    return result.checkpoint
+
+
+@contextlib.contextmanager
+def running_webui(
+    data: Path, models: Path, with_ui: bool, family: str = "sd1", extra_args: Sequence[str] = ()
+) -> Iterator[str]:
+    """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers."""
+    checkpoint = prepare_data_folder(data, models, family)
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")  # fmt: skip
@@ -47,7 +84,7 @@ def running_webui(data: Path, models: Path, with_ui: bool) -> Iterator[str]:
         PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
         "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
         "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model", "--data-dir", str(data),
-        "--ckpt", str(checkpoint), *([] if with_ui else ["--nowebui"]),
+        "--ckpt", str(checkpoint), *([] if with_ui else ["--nowebui"]), *extra_args,
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     with open(data / "webui.log", "wb") as log:

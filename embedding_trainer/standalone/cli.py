@@ -72,12 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
-        "--webui-loadable", action="store_true", help="32 norm groups, so `export-a1111` gives a checkpoint A1111 loads"
+        "--webui-loadable",
+        action="store_true",
+        help="32 norm groups and OpenCLIP MLPs 4x wide, so `export-a1111` gives a checkpoint A1111 builds and loads",
     )
 
     export = sub.add_parser(
         "export-a1111",
-        help="write a diffusers SD1 model as a WebUI checkpoint (OUT.safetensors + OUT.yaml + OUT-text-encoder/)",
+        help="write a diffusers SD1, SD2 or SDXL model as a WebUI checkpoint: OUT.safetensors + OUT.yaml, plus "
+        "OUT-text-encoder/ (SD1, SDXL) and OUT.open_clip.json (SD2, SDXL, unless the OpenCLIP encoder is ViT-H-14's "
+        "or ViT-bigG-14's)",
+        description="Write a diffusers SD1, SD2 or SDXL model folder as a checkpoint the AUTOMATIC1111 WebUI loads: "
+        "OUT.safetensors (ldm layout for SD1/SD2, sgm for SDXL) and OUT.yaml beside it (v-prediction when the "
+        "scheduler says v_prediction); OUT-text-encoder/ holds the CLIP(-L) config and tokenizer the yaml points at. "
+        "An OpenCLIP encoder (SD2, SDXL's second) that is not exactly ViT-H-14's / ViT-bigG-14's text tower gets "
+        "OUT.open_clip.json: the WebUI must run open_clip.add_model_config(that file) before it loads the model.",
     )
     export.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers model folder (with model_index.json)")
     export.add_argument("out", metavar="OUT", help="output name, e.g. models/Stable-diffusion/tiny[.safetensors]")

@@ -42,13 +42,13 @@ def _tokenizer(pad_token: str) -> Any:
     )
 
 
-def _text_encoder(width: int, openclip: bool, with_projection: bool) -> Any:
+def _text_encoder(width: int, openclip: bool, with_projection: bool, mlp_ratio: int = 2) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=width,
-        intermediate_size=width * 2,
+        intermediate_size=width * mlp_ratio,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
@@ -85,21 +85,26 @@ def _calibrate_latent_scale(vae: Any) -> None:
 
 
 def build_tiny_components(family: ModelFamily, seed: int = 0, webui_loadable: bool = False) -> TinyComponents:
-    """Tiny random components. ``webui_loadable``: 32 normalisation groups everywhere (VAE 32 wide), the only
-    group count the WebUI's ldm code can build, so the export (``export-a1111``) loads in A1111; a little slower.
+    """Tiny random components. ``webui_loadable``: what the WebUI's model code can build from the export
+    (``export-a1111``): 32 normalisation groups everywhere (VAE 32 wide), the only group count ldm/sgm build, and
+    OpenCLIP-style encoders (SD2's, SDXL's second) with MLPs 4x their width, the only ratio the WebUI's open_clip
+    builds; a little slower. Every family's tokenizers already tokenize as the WebUI does: CLIP's vocabulary,
+    padded with the end token for CLIP-L and with id 0 (``!``) for OpenCLIP encoders.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     groups = 32 if webui_loadable else 8
+    openclip_mlp = 4 if webui_loadable else 2
 
     torch.manual_seed(seed)
     widths = TINY_WIDTHS[family]
     openclip = family == "sd2"
     if family == "sdxl":
-        encoders = [_text_encoder(32, False, False), _text_encoder(64, True, True)]
+        encoders = [_text_encoder(32, False, False), _text_encoder(64, True, True, openclip_mlp)]
         tokenizers = [_tokenizer(END_TOKEN), _tokenizer("!")]
     else:
-        encoders = [_text_encoder(next(iter(widths.values())), openclip, False)]
+        width = next(iter(widths.values()))
+        encoders = [_text_encoder(width, openclip, False, openclip_mlp if openclip else 2)]
         tokenizers = [_tokenizer("!" if openclip else END_TOKEN)]
     cross_dim = sum(widths.values())
     unet_kwargs: dict[str, Any] = dict(

@@ -150,6 +150,7 @@ class RunRecord:
     error_type: str | None = None
     error_field: str | None = None
     result: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None  # what the run trains on: name, family, prediction type, encoders
     previews: list[tuple[int, str]] = field(default_factory=list)  # (step, image file)
     warnings: list[str] = field(default_factory=list)
     loss_history: deque[tuple[int, float, float]] = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY_POINTS))
@@ -184,6 +185,7 @@ class RunRecord:
             "error_type": self.error_type,
             "error_field": self.error_field,
             "result": dict(self.result) if self.result is not None else None,
+            "model": dict(self.model) if self.model is not None else None,
             "previews": [path for _, path in self.previews],
             "preview_at_steps": [step for step, _ in self.previews],
             **self.preview.to_dict(),
@@ -399,6 +401,8 @@ class RunManager:
             if bridge is not None:
                 bridge.begin(record.id, record.total_steps)
             host = self._make_host(record.config)
+            with self._lock:
+                record.model = describe_model(host)
             outcome = Trainer(record.config, host, self._callbacks(record)).run()
         except Exception as error:
             outcome = error
@@ -541,6 +545,15 @@ class RunManager:
             self._on_finished(record, outcome)
         except Exception as error:
             self._warn(record, f"after the run: {type(error).__name__}: {error}")
+
+
+def describe_model(host: Host) -> dict[str, Any]:
+    return {
+        "name": host.model_name,
+        "family": host.family,
+        "prediction_type": host.prediction_type,
+        "encoders": {e.key: e.width for e in host.encoders},
+    }
 
 
 def progress_text(progress: Progress) -> str:
