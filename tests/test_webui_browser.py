@@ -92,8 +92,9 @@ def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
     base, data = webui_ui
     make_images(tmp_path / "images", count=4)
     with tab_page(base, tmp_path / "embtrain-tab.png") as page:
-        # The loaded model's native resolution (SD1: 512) is filled in when the page loads.
+        # The loaded model's native resolution and learning rate (SD1: 512, 0.005) are filled in when the page loads.
         _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '512'", "no default")
+        assert _value(page, "embtrain_learning_rate") == "0.005"
         _fill(page, "embtrain_name", "uicat")
         _fill(page, "embtrain_init_text", "cat")
         _fill(page, "embtrain_images", str(tmp_path / "images"))
@@ -155,3 +156,12 @@ def test_name_warnings_and_stop_during_a_live_run(webui_ui, tmp_path):
         summary = page.locator("#embtrain_result").first.inner_text()
     assert "stopped" in summary, summary
     assert (data / "embeddings" / "stopcat-ti.safetensors").is_file()
+
+
+def test_an_sdxl_checkpoint_gets_sdxl_defaults_on_page_load(tmp_path):
+    with running_webui(tmp_path / "data", tmp_path / "tiny", with_ui=True, family="sdxl") as base:
+        with tab_page(base, tmp_path / "embtrain-sdxl.png") as page:
+            _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '1024'",
+                     "no SDXL default resolution", timeout=60_000)  # fmt: skip
+            learning_rate = _value(page, "embtrain_learning_rate")
+    assert learning_rate == "0.002"

@@ -26,11 +26,12 @@ def test_form_sends_changed_fields_only():
     assert tab.form_config(specs, [None, True, "/x"], {"output_dir": "/e"}) == {"flip": True, "output_dir": "/x"}
 
 
-def test_default_resolution_per_family():
-    assert tab.default_resolution("sd1") == 512
-    assert tab.default_resolution("sd2", "eps") == 512
-    assert tab.default_resolution("sd2", "v") == 768
-    assert tab.default_resolution("sdxl") == 1024
+def test_defaults_per_family():
+    assert tab.family_defaults("sd1") == tab.FamilyDefaults(512, "0.005")
+    assert tab.family_defaults("sd2", "eps").resolution == 512
+    assert tab.family_defaults("sd2", "v").resolution == 768
+    assert tab.family_defaults("sdxl") == tab.FamilyDefaults(1024, "0.002")
+    assert tab.family_defaults(None).resolution == 512  # no model loaded yet
 
 
 def test_dataset_check_lists_problems(tmp_path):

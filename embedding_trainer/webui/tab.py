@@ -120,13 +120,26 @@ def form_config(
     return body
 
 
-def default_resolution(family: str | None, prediction_type: str | None = None) -> int:
-    """The model's native resolution: 512 for SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL."""
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What the tab fills in for the loaded model when the page loads."""
+
+    resolution: int
+    learning_rate: str
+
+
+def family_defaults(family: str | None, prediction_type: str | None = None) -> FamilyDefaults:
+    """The model's native resolution (512 for SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL) and a learning rate.
+
+    SD1/SD2 keep the WebUI's 0.005. SDXL gets 0.002, the effective rate of diffusers' SDXL textual-inversion
+    example (5e-4 scaled by its 4 accumulated images): SDXL's two encoders move together, and 0.005 is the rate
+    tuned for one CLIP-L.
+    """
     if family == "sdxl":
-        return 1024
+        return FamilyDefaults(1024, "0.002")
     if family == "sd2" and prediction_type in ("v", "v_prediction"):
-        return 768
-    return 512
+        return FamilyDefaults(768, "0.005")
+    return FamilyDefaults(512, "0.005")
 
 
 def run_options_body(values: Any) -> dict[str, Any]:
@@ -283,17 +296,15 @@ def _loaded_model(glue: Any) -> Any:
         return None
 
 
-def model_resolution(glue: Any) -> int:
+def model_defaults(glue: Any) -> FamilyDefaults:
     from ..hosts.a1111 import model_family
 
     model = _loaded_model(glue)
-    if model is None:
-        return 512
     try:
-        family = model_family(model)
+        family = model_family(model) if model is not None else None
     except EmbeddingTrainerError:
-        return 512
-    return default_resolution(family, getattr(model, "parameterization", "eps"))
+        family = None
+    return family_defaults(family, getattr(model, "parameterization", "eps"))
 
 
 def known_token_count(glue: Any, text: str) -> int | None:
@@ -394,8 +405,14 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
                 task_id = gr.Textbox(visible=False, elem_id="embtrain_task_id")
 
         resolution = main_components[MAIN_FIELDS.index("resolution")]
-        # The loaded model's native resolution, read each time the page loads.
-        blocks.load(fn=lambda: model_resolution(glue), inputs=[], outputs=[resolution])
+        learning_rate = main_components[MAIN_FIELDS.index("learning_rate")]
+
+        def load_model_defaults() -> tuple[int, str]:
+            # Read each time the page loads: the user may have switched checkpoints since.
+            defaults = model_defaults(glue)
+            return defaults.resolution, defaults.learning_rate
+
+        blocks.load(fn=load_model_defaults, inputs=[], outputs=[resolution, learning_rate])
 
         def refresh_existing():
             return gr.update(choices=[NEW_EMBEDDING] + embedding_files(_embeddings_dir(glue)))
