@@ -1,0 +1,74 @@
+"""The learning-quality pipeline on a quickly trained toy model: user photos -> our trainer -> an embedding file ->
+diffusers' own loader -> samples -> judges, and the demo's outputs. (Whether it learns is a question for the
+shipped, fully trained model.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from embedding_trainer.embedding_file import EmbeddingData, save_embedding  # noqa: E402
+from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
+from embedding_trainer.toyworld import base_model, learning, world  # noqa: E402
+from embedding_trainer.toyworld.judges import load_judges  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    return Path(base_model.train(base_model.Plan.quick(seed=1), out)["model"])
+
+
+def test_a_budget_curve_comes_from_one_run_and_every_point_is_judged(quick_model, tmp_path):
+    model, host = base_model.load_model(quick_model), DiffusersHost.from_pretrained(quick_model)
+    concept = world.HELD_OUT_CONCEPTS["moon"]
+    run = learning.evaluate_concept(
+        model, host, load_judges(), concept, learning.WEBUI_DEFAULTS, [2, 4], tmp_path, images_per_prompt=1
+    )
+    assert sorted(run.scores) == [0, 2, 4] and run.steps_per_s > 0
+    for scores in run.scores.values():
+        assert 0.0 <= scores.reconstruction <= 1.0 and 0.0 <= scores.editability <= 1.0
+        assert scores.images == len(world.reconstruction_prompts(concept, "x")) + 8
+    photos = sorted((tmp_path / "photos").glob("*.png"))
+    assert len(photos) == 4  # the trainer saw the photos and the template, never the word "moon"
+    assert "moon" not in (tmp_path / "template-object.txt").read_text()
+
+
+def test_a_multi_vector_embedding_is_loaded_by_diffusers_and_changes_the_images(quick_model, tmp_path):
+    model = base_model.load_model(quick_model)
+    width = model.text_encoder.config.hidden_size
+    rows = np.random.default_rng(0).normal(size=(3, width)).astype(np.float32) * 5
+    path = save_embedding(EmbeddingData(learning.TRIGGER, {"clip_l": torch_from(rows)}), tmp_path / "e.safetensors")
+    tokens_before = len(model.tokenizer)
+    with learning.embedding_loaded(model, path) as convert:
+        prompt = convert([f"a photo of a {learning.TRIGGER}"])[0]
+        with_embedding = base_model.sample(model, [prompt], steps=4)
+    assert prompt.split()[-3:] == [learning.TRIGGER, f"{learning.TRIGGER}_1", f"{learning.TRIGGER}_2"]
+    assert len(model.tokenizer) == tokens_before  # unloaded again
+    plain = base_model.sample(model, ["a photo of a star"], steps=4)
+    assert with_embedding.shape == plain.shape == (1, 64, 64, 3)
+
+
+def test_the_demo_writes_the_embedding_the_grid_and_the_scores(quick_model, tmp_path):
+    from embedding_trainer.toyworld.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", steps=3, model=quick_model)
+    assert Path(report["embedding"]).is_file() and Path(report["grid"]).is_file()
+    saved = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    assert set(saved["scores"]) == {"before", "after"} and saved["steps"] == 3
+    from PIL import Image
+
+    with Image.open(report["grid"]) as grid:  # five rows of four 128 px tiles beside the labels
+        assert grid.size == (300 + 4 * 128, 5 * 128)
+
+
+def torch_from(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(array)
