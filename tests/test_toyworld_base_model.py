@@ -65,6 +65,23 @@ def test_folder_layout_sizes_and_record(quick_runs: tuple[Path, Path]) -> None:
     assert scheduler["prediction_type"] == "epsilon" and scheduler["beta_schedule"] == "scaled_linear"
 
 
+def test_folder_loads_in_every_transformers_version(quick_runs: tuple[Path, Path]) -> None:
+    """The slow tokenizer's files and the ``text_model.`` key names: what transformers 4.30 (the WebUI's pin)
+    needs, and what 5.x reads too (5.x itself would write tokenizer.json and unprefixed keys)."""
+    from safetensors import safe_open
+
+    folder = quick_runs[0]
+    assert {p.name for p in (folder / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt", "tokenizer_config.json"}
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as handle:
+        assert all(key.startswith("text_model.") for key in handle.keys())
+    model = base_model.load_model(folder)
+    token_table = model.text_encoder.get_input_embeddings().weight
+    assert np.array_equal(
+        token_table.half().detach().numpy(),
+        _weights(folder)["text_encoder/text_model.embeddings.token_embedding.weight"],
+    )
+
+
 def test_same_seed_same_weights_also_after_resuming(quick_runs: tuple[Path, Path]) -> None:
     a, b = (_weights(folder) for folder in quick_runs)
     assert a.keys() == b.keys()

@@ -120,6 +120,9 @@ class UnetTraining:
     #: Captions drawn per image (world.caption's wording, order and attribute dropout vary between them).
     caption_variants: int = 4
     min_snr_gamma: float = 5.0
+    #: Latent cells under the shape weigh ``1 + foreground_weight`` in the denoising loss (normalised per image):
+    #: the backgrounds are learnt at once, the shapes are what takes long. Each cell's optimum is unchanged.
+    foreground_weight: float = 0.0
     ema_decay: float = 0.999
 
 
@@ -633,8 +636,9 @@ def _check_plan(state: dict[str, Any], plan: Plan, stage: str) -> None:
     for key in keys:
         a, b = saved[key], mine[key]
         if isinstance(a, dict):
+            # Settings added after the checkpoint was written count as their defaults (which keep the old behaviour).
             a = {k: v for k, v in a.items() if k != "steps"}
-            b = {k: v for k, v in b.items() if k != "steps"}
+            b = {k: v for k, v in b.items() if k != "steps" and k in a}
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             raise BaseModelError(
                 f"{stage} checkpoint was made with {key}={a}, this run asks for {b}; use another --out folder "
@@ -648,34 +652,48 @@ def _check_plan(state: dict[str, Any], plan: Plan, stage: str) -> None:
 
 @torch.no_grad()
 def encode_latents(vae: Any, images: np.ndarray, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, ...]:
-    """Posterior means and standard deviations ``[N, 4, 8, 8]`` (unscaled), fp32 on the CPU."""
-    means, stds = [], []
+    """Posterior means and standard deviations ``[N, 4, 8, 8]`` (unscaled), and the share of each latent cell that
+    the shape covers ``[N, 1, 8, 8]``, fp32 on the CPU."""
+    means, stds, shares = [], [], []
     for start in range(0, len(images), batch):
-        posterior = vae.encode(to_model_range(images[start : start + batch]).to(device)).latent_dist
+        x = to_model_range(images[start : start + batch])
+        posterior = vae.encode(x.to(device)).latent_dist
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
+        shares.append(F.avg_pool2d(foreground(x), LATENT_FACTOR))
+    return torch.cat(means), torch.cat(stds), torch.cat(shares)
 
 
 def cached_latents(plan: Plan, out: Path, device: torch.device, workers: int = 1) -> dict[str, Any]:
     path = out / "state" / "latents.pt"
     if path.is_file():
         cache = _torch_load(path)
-        if cache["plan"] == plan.to_dict() or _same_latent_plan(cache["plan"], plan):
+        if _same_latent_plan(cache["plan"], plan) and "foreground" in cache:
             return cache
     vae = load_trained_vae(plan, out).to(device)
     images = training_images(plan, out / "state", workers)
     started = time.monotonic()
-    mean, std = encode_latents(vae, images, device)
-    cache = {"plan": plan.to_dict(), "mean": mean, "std": std, "scaling_factor": float(vae.config.scaling_factor)}
+    mean, std, share = encode_latents(vae, images, device)
+    cache = {
+        "plan": plan.to_dict(),
+        "mean": mean,
+        "std": std,
+        "foreground": share,
+        "scaling_factor": float(vae.config.scaling_factor),
+    }
     _torch_save(cache, path)
     logger.info("encoded %d latents in %.0f s", len(images), time.monotonic() - started)
     return cache
 
 
 def _same_latent_plan(saved: dict[str, Any], plan: Plan) -> bool:
-    mine = plan.to_dict()
-    return all(saved[k] == mine[k] for k in ("seed", "images", "arch", "vae"))
+    """Whether latents cached under ``saved`` are those of ``plan`` (same images, same VAE)."""
+
+    def key(p: dict[str, Any]) -> str:
+        vae_arch = {k: v for k, v in p["arch"].items() if k.startswith("vae_")}
+        return json.dumps([p["seed"], p["images"], vae_arch, p["vae"]], sort_keys=True)
+
+    return key(saved) == key(plan.to_dict())
 
 
 def train_unet(
@@ -717,6 +735,8 @@ def train_unet(
     prep_started = time.monotonic()
     latents = cached_latents(plan, out, device, workers)
     mean, std, scale = latents["mean"], latents["std"], latents["scaling_factor"]
+    cell_weight = 1 + cfg.foreground_weight * latents["foreground"]
+    cell_weight = cell_weight / cell_weight.mean(dim=(1, 2, 3), keepdim=True)
     tokenizer = build_tokenizer()
     captions = training_captions(plan)
     unique = sorted({c for variants in captions for c in variants} | {""})
@@ -776,7 +796,8 @@ def train_unet(
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup)
         context = text_encoder(ids)[0]
         prediction = unet(noisy, t_dev, encoder_hidden_states=context).sample
-        per_sample = (prediction.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        squared = (prediction.float() - noise).pow(2)
+        per_sample = (squared * cell_weight[index].to(device)).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[t].to(device)).mean()
         if not math.isfinite(loss.item()):
             raise BaseModelError(f"unet: loss is {loss.item()} at step {step}; lower the learning rate")
@@ -786,7 +807,7 @@ def train_unet(
         optimizer.step()
         ema.update(step)
         step += 1
-        window.append(per_sample.mean().item())
+        window.append(squared.mean().item())  # the plain MSE, comparable between settings
         if step % log_every == 0 or step == cfg.steps:
             now = time.monotonic()
             rate = (step - window_step) / max(1e-9, now - window_start)
@@ -850,6 +871,7 @@ def save_model(model: BaseModel, folder: Path, record: dict[str, Any] | None = N
     """Write ``model`` as a diffusers folder (``save_components``), weights in fp16, plus ``training_record.json``."""
     import copy
 
+    from ..standalone.export_a1111 import tokenizer_files
     from ..standalone.tiny_models import TinyComponents, save_components
 
     def half(module: torch.nn.Module) -> torch.nn.Module:
@@ -860,14 +882,36 @@ def save_model(model: BaseModel, folder: Path, record: dict[str, Any] | None = N
         "sd1", half(model.unet), half(model.vae), [text_encoder], [model.tokenizer], build_scheduler()
     )
     save_components(components, folder)
+    # The slow tokenizer's files, which every transformers version reads (5.x writes only tokenizer.json, which
+    # transformers 4.30, the WebUI's pin, cannot read with CLIPTokenizer); they are smaller too.
+    tokenizer_folder = folder / "tokenizer"
+    files = tokenizer_files(tokenizer_folder)
+    for stale in tokenizer_folder.iterdir():
+        stale.unlink()
+    for name, text in files.items():
+        (tokenizer_folder / name).write_text(text, encoding="utf-8")
     text_folder = folder / "text_encoder"
     if not any(text_folder.glob("*.safetensors")):  # transformers < 4.35 writes pytorch_model.bin by default
         text_encoder.save_pretrained(text_folder, safe_serialization=True)
         for stale in text_folder.glob("pytorch_model*.bin"):
             stale.unlink()
+    _portable_text_encoder_keys(text_folder / "model.safetensors")
     if record is not None:
         (folder / "training_record.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def _portable_text_encoder_keys(path: Path) -> None:
+    """Store the CLIP text model under the ``text_model.`` key names that every transformers version reads:
+    transformers 5 saves them without the prefix, and transformers 4.30 (the WebUI's pin) would then silently
+    start from random weights."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    if all(key.startswith("text_model.") for key in state):
+        return
+    state = {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()}
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu") -> BaseModel:
