@@ -148,3 +148,15 @@ def test_counterfactual_judge_reads_clean_images() -> None:
     for scene in scenes:
         image = np.asarray(base_model.world.render(scene))
         assert base_model.counterfactual_judge(image, scene) == {k: scene.attributes()[k] for k in base_model.JUDGED}
+
+
+def test_vae_checkpoint_survives_unet_changes_but_not_vae_changes(tmp_path: Path) -> None:
+    import dataclasses
+
+    plan = base_model.Plan.quick(seed=5)
+    assert base_model.train(plan, tmp_path, stage="vae")["stages"]["vae"]["done"]
+    other_unet = dataclasses.replace(plan, arch=dataclasses.replace(plan.arch, unet_channels=(32, 64)))
+    assert base_model.train(other_unet, tmp_path, stage="vae")["stages"]["vae"]["done"]
+    other_vae = dataclasses.replace(plan, vae=dataclasses.replace(plan.vae, lr=plan.vae.lr / 2))
+    with pytest.raises(base_model.BaseModelError, match="vae checkpoint was made with"):
+        base_model.train(other_vae, tmp_path, stage="vae")

@@ -123,6 +123,11 @@ class UnetTraining:
     #: Latent cells under the shape weigh ``1 + foreground_weight`` in the denoising loss (normalised per image):
     #: the backgrounds are learnt at once, the shapes are what takes long. Each cell's optimum is unchanged.
     foreground_weight: float = 0.0
+    #: Share of the batch whose timesteps are drawn from ``[0, low_noise_until)`` instead of all 1000: SD1's schedule
+    #: was made for 64x64 latents, and on 8x8 latents most timesteps leave only colours and layout to predict;
+    #: shapes and textures are decided at the less noisy end. Each timestep's optimum is unchanged.
+    low_noise_share: float = 0.0
+    low_noise_until: int = 500
     ema_decay: float = 0.999
 
 
@@ -629,16 +634,23 @@ def load_trained_vae(plan: Plan, out: Path, require_done: bool = True) -> Any:
 
 
 def _check_plan(state: dict[str, Any], plan: Plan, stage: str) -> None:
-    """A checkpoint continues only under the settings that made it (the step count may grow)."""
-    saved = state["plan"]
-    mine = plan.to_dict()
+    """A checkpoint continues only under the settings that made it. Its own stage's step count may grow (a longer
+    run); the VAE stage ignores the text encoder's and UNet's settings; the UNet stage needs the very same VAE."""
+    saved, mine = state["plan"], plan.to_dict()
+
+    def relevant(p: dict[str, Any], key: str) -> Any:
+        value = p[key]
+        if key == "arch" and stage == "vae":
+            value = {k: v for k, v in value.items() if k.startswith("vae_")}
+        if key == stage:
+            value = {k: v for k, v in value.items() if k != "steps"}
+        return value
+
     keys = ["seed", "images", "arch", "vae"] + (["unet"] if stage == "unet" else [])
     for key in keys:
-        a, b = saved[key], mine[key]
-        if isinstance(a, dict):
-            # Settings added after the checkpoint was written count as their defaults (which keep the old behaviour).
-            a = {k: v for k, v in a.items() if k != "steps"}
-            b = {k: v for k, v in b.items() if k != "steps" and k in a}
+        a, b = relevant(saved, key), relevant(mine, key)
+        if isinstance(a, dict):  # settings added after the checkpoint was written count as their defaults
+            b = {k: v for k, v in b.items() if k in a}
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             raise BaseModelError(
                 f"{stage} checkpoint was made with {key}={a}, this run asks for {b}; use another --out folder "
@@ -789,6 +801,9 @@ def train_unet(
         latent = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scale
         noise = torch.randn(latent.shape, generator=generator)
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch,), generator=generator)
+        if cfg.low_noise_share:
+            low = torch.randint(0, cfg.low_noise_until, (cfg.batch,), generator=generator)
+            t = torch.where(torch.rand(cfg.batch, generator=generator) < cfg.low_noise_share, low, t)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latent + (1 - a).sqrt() * noise
         ids, noisy, noise, t_dev = token_table[rows].to(device), noisy.to(device), noise.to(device), t.to(device)
