@@ -1,8 +1,9 @@
 """The core's dependency boundary, the package data, and the library logger's manners.
 
 The core (the modules directly in ``embedding_trainer/``) runs inside the WebUI, so it may import only torch,
-numpy, PIL, safetensors, the standard library and other core modules; model-specific code lives in ``hosts/``
-and ``standalone/``. It never prints, and its logger stays silent until an application attaches a handler.
+numpy, PIL, safetensors, the standard library and other core modules; model-specific code lives in the
+subpackages ``hosts/``, ``standalone/`` and ``toyworld/`` (the toy base model is built with diffusers), which the
+core never imports. It never prints, and its logger stays silent until an application attaches a handler.
 """
 
 from __future__ import annotations
