@@ -160,3 +160,15 @@ def test_vae_checkpoint_survives_unet_changes_but_not_vae_changes(tmp_path: Path
     other_vae = dataclasses.replace(plan, vae=dataclasses.replace(plan.vae, lr=plan.vae.lr / 2))
     with pytest.raises(base_model.BaseModelError, match="vae checkpoint was made with"):
         base_model.train(other_vae, tmp_path, stage="vae")
+
+
+def test_an_image_cache_from_another_world_version_is_rendered_again(tmp_path: Path) -> None:
+    plan = base_model.Plan.quick(seed=3)
+    fresh = base_model.training_images(plan, tmp_path)
+    cache = tmp_path / f"images-seed{plan.seed}-n{plan.images}.npy"
+    assert cache.is_file()
+    stale = fresh.copy()
+    stale[len(stale) // 2] //= 2  # as if world.py had drawn it differently
+    np.save(cache, stale)
+    assert np.array_equal(base_model.training_images(plan, tmp_path), fresh)
+    assert np.array_equal(np.load(cache), fresh)  # and the cache is fixed

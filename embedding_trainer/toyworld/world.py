@@ -61,12 +61,14 @@ HELD_OUT_SHAPES = ("heart", "moon")
 HELD_OUT_TEXTURES = ("dots",)
 HELD_OUT: dict[str, tuple[str, ...]] = {"shape": HELD_OUT_SHAPES, "texture": HELD_OUT_TEXTURES}
 
-# Texture geometry in pixels of the 64 px image, in the shape's own (rotated) frame. Periods of 6.5-10 px stay
-# visible on a small shape (about 20 px across) and are not much finer than an 8x VAE's latent cell.
+# Texture geometry in pixels of the 64 px image, in the shape's own (rotated) frame. Every pattern repeats at
+# about an 8x VAE's latent cell or coarser (one stripe pair, check cell or dot per cell): finer checks (5 px cells)
+# and dots (6.5 px apart) came back from the base model's VAE as stripes or solid (see the toy world's README),
+# while these still show a few repeats on a small shape (about 20 px across).
 STRIPE_PERIOD = 8.0
-CHECK_CELL = 5.0
-DOT_SPACING = 6.5
-DOT_RADIUS = 1.9
+CHECK_CELL = 7.0
+DOT_SPACING = 9.0
+DOT_RADIUS = 2.6
 #: The shape keeps a solid rim of its colour so a light pattern never dissolves its outline into the background.
 RIM = 1.0
 #: Pattern colour: the shape colour mixed with this much white.
@@ -283,13 +285,16 @@ def pattern_mask(scene: Scene, rows: slice = slice(None), cols: slice = slice(No
     if scene.texture == "checks":
         i = np.floor(u / CHECK_CELL + scene.phase[0]) + np.floor(v / CHECK_CELL + scene.phase[1])
         return (i % 2) == 0
-    # dots: a hexagonal grid, every other row shifted by half a spacing
+    # dots: a hexagonal grid, every other row shifted by half a spacing, with a dot near the shape's centre (the
+    # phase only jitters it by a tenth of a spacing): a small star's points are narrower than a dot's spacing, so a
+    # freely placed grid could leave a dotted small shape without a dot.
+    pu, pv = (scene.phase[0] - 0.5) * 0.2, (scene.phase[1] - 0.5) * 0.2
     row_height = DOT_SPACING * math.sqrt(3.0) / 2.0
-    row = np.round(v / row_height + scene.phase[1])
+    row = np.round(v / row_height + pv)
     shift = (row % 2) * 0.5
-    col = np.round(u / DOT_SPACING + scene.phase[0] - shift)
-    du = u - (col - scene.phase[0] + shift) * DOT_SPACING
-    dv = v - (row - scene.phase[1]) * row_height
+    col = np.round(u / DOT_SPACING + pu - shift)
+    du = u - (col - pu + shift) * DOT_SPACING
+    dv = v - (row - pv) * row_height
     return du * du + dv * dv <= DOT_RADIUS * DOT_RADIUS
 
 
