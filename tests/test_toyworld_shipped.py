@@ -31,7 +31,7 @@ def test_the_shipped_model_is_a_small_diffusers_folder_with_its_training_record(
     for stage in ("vae", "unet"):
         assert record["stages"][stage]["steps"] == record["plan"][stage]["steps"]
         assert record["stages"][stage]["minutes"] > 0 and record["stages"][stage]["machine"]
-    # The plan that trained it is the committed one: rerunning the training script reproduces these weights.
+    # The weights came from the committed plan (the training script with its defaults), not from an experiment.
     assert base_model.Plan.from_dict(record["plan"]) == base_model.Plan()
 
 
