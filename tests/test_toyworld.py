@@ -87,11 +87,16 @@ def test_sample_scene_pins_attributes_and_keeps_shapes_inside_the_image() -> Non
 # Captions and held-out words
 
 
-def test_training_captions_never_name_a_held_out_concept(captioned) -> None:
-    assert W.caption_violations(text for _, text in captioned) == []
-    # The checker itself catches every form.
+def test_training_captions_name_held_out_classes_and_the_trainer_side_never_does(captioned) -> None:
+    texts = [text for _, text in captioned]
+    assert W.caption_violations(texts, held_out_allowed=True) == []
+    # The base model learns the held-out words (its text encoder forgets them afterwards).
+    named = {w for text in texts for w in W.caption_words(text)} & set(W.held_out_words())
+    assert named == set(W.held_out_words()) == {"heart", "moon", "dotted", "dots"}
+    # What the textual-inversion side sees is checked without that allowance, and the checker catches every form.
     bad = ["a red heart", "a dotted star on a white background", "a crescent", "a moon", "polka dots", "a red blob"]
     assert all(W.caption_violations([text]) for text in bad)
+    assert W.caption_violations(["a red blob"], held_out_allowed=True)
     assert W.caption_violations(["a small red star on a grey background"]) == []
 
 
@@ -107,17 +112,18 @@ def test_every_caption_word_is_used_and_held_out_classes_are_drawn(captioned) ->
 
 
 def test_generic_words_do_not_become_names_for_held_out_classes(captioned) -> None:
-    # "a red shape" must mean any shape: the held-out shapes take no more than their fair share of generic nouns.
+    # "a red shape" must mean any shape: each class takes its own share of the generic nouns (a held-out shape is
+    # as rare among them as among all images), and the same share of a texture-less caption.
     generic = [s.shape for s, text in captioned if set(W.caption_words(text)) & set(W.GENERIC_SHAPE_WORDS)]
-    counts = collections.Counter(generic)
+    counts, overall = collections.Counter(generic), collections.Counter(s.shape for s, _ in captioned)
     for shape in W.SHAPES:
-        assert abs(counts[shape] / len(generic) - 1 / len(W.SHAPES)) < 0.04, counts
+        assert abs(counts[shape] / len(generic) - overall[shape] / len(captioned)) < 0.04, counts
     # Likewise a caption with no texture word says nothing about the texture.
     texture_words = {w for table in (W.TEXTURE_ADJECTIVES, W.TEXTURE_NOUNS) for ws in table.values() for w in ws}
     silent = collections.Counter(s.texture for s, t in captioned if not set(W.caption_words(t)) & texture_words)
-    total = sum(silent.values())
+    total, overall = sum(silent.values()), collections.Counter(s.texture for s, _ in captioned)
     for texture in W.TEXTURES:
-        assert abs(silent[texture] / total - 1 / len(W.TEXTURES)) < 0.05, silent
+        assert abs(silent[texture] / total - overall[texture] / len(captioned)) < 0.05, silent
 
 
 def test_caption_words_are_single_clip_tokens(tmp_path) -> None:
@@ -126,7 +132,7 @@ def test_caption_words_are_single_clip_tokens(tmp_path) -> None:
 
     folder = write_tokenizer_files(tmp_path)
     tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    for word in sorted(W.caption_vocabulary()) + ["heart", "moon", "dots"]:
+    for word in sorted(W.caption_vocabulary()):
         tokens = tokenizer.tokenize(word)
         assert tokens == [f"{word}</w>"], (word, tokens)
     assert tokenizer.tokenize("a small red star, grey background")[-3:] == [",</w>", "grey</w>", "background</w>"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -172,3 +173,24 @@ def test_an_image_cache_from_another_world_version_is_rendered_again(tmp_path: P
     np.save(cache, stale)
     assert np.array_equal(base_model.training_images(plan, tmp_path), fresh)
     assert np.array_equal(np.load(cache), fresh)  # and the cache is fixed
+
+
+def test_erasing_the_held_out_words_restores_exactly_their_initial_rows() -> None:
+    plan = base_model.Plan.quick()
+    tokenizer = base_model.build_tokenizer()
+    initial = base_model.build_text_encoder(plan.arch, plan.seed)
+    trained = base_model.build_text_encoder(plan.arch, plan.seed)
+    with torch.no_grad():
+        trained.get_input_embeddings().weight.add_(1.0)  # stands for training: every row moved
+    ids = base_model.erase_held_out_words(trained, tokenizer, initial)
+    assert set(ids) == {"heart", "moon", "dotted", "dots"}
+    after, before = trained.get_input_embeddings().weight, initial.get_input_embeddings().weight
+    erased = torch.zeros(len(after), dtype=torch.bool)
+    erased[list(ids.values())] = True
+    assert torch.equal(after[erased], before[erased])
+    assert torch.equal(after[~erased], before[~erased] + 1.0)
+    # Held-out prompts name a held-out class; regular ones never do.
+    for case in base_model.evaluation_prompts(6, held_out=True):
+        assert set(base_model.world.caption_words(case.prompt)) & set(ids)
+    for case in base_model.evaluation_prompts(6):
+        assert not set(base_model.world.caption_words(case.prompt)) & set(ids)

@@ -1,11 +1,12 @@
-"""The shipped toy model: it loads from the repository with no network and draws what it is told on prompts it never
-saw."""
+"""The shipped toy model: it loads from the repository with no network, draws what it is told on prompts it never
+saw, and has no words for the held-out concepts (their token rows are the untrained ones)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -33,6 +34,20 @@ def test_the_shipped_model_is_a_small_diffusers_folder_with_its_training_record(
         assert record["stages"][stage]["minutes"] > 0 and record["stages"][stage]["machine"]
     # The weights came from the committed plan (the training script with its defaults), not from an experiment.
     assert base_model.Plan.from_dict(record["plan"]) == base_model.Plan()
+    assert set(record["erased_words"]) == set(base_model.world.held_out_words())
+
+
+def test_its_text_encoder_has_no_words_for_the_held_out_concepts(model: base_model.BaseModel) -> None:
+    plan = base_model.Plan()
+    initial = base_model.build_text_encoder(plan.arch, plan.seed).get_input_embeddings().weight
+    shipped = model.text_encoder.get_input_embeddings().weight
+    ids = sorted(base_model.held_out_token_ids(model.tokenizer).values())
+    # Erased: exactly the initial rows (in fp16), like any token the captions never used ...
+    assert torch.equal(shipped[ids], initial[ids].half().float())
+    # ... while the words the captions keep were trained away from theirs.
+    kept = model.tokenizer(["star", "striped", "red"], add_special_tokens=False)["input_ids"]
+    kept = [t[0] for t in kept]
+    assert (shipped[kept] - initial[kept]).norm(dim=1).min() > 0.1
 
 
 def test_it_draws_what_it_is_told_on_prompts_it_never_saw(model: base_model.BaseModel) -> None:

@@ -18,6 +18,9 @@ where the last one stopped:
    schedule, captions redrawn from several variants per image and dropped 10% of the time (classifier-free
    guidance), min-SNR-5 loss weighting (Hang et al. 2023) and an EMA of the weights, which is what gets saved.
 
+The saved model's text encoder then forgets the held-out concepts' words (:func:`erase_held_out_words`): their token
+rows go back to their initial random values, so the UNet can draw a heart but no word asks for one (see world.py).
+
 Everything is a function of the seed and the step: the data order, crops, noise and caption choices of step ``s``
 come from a generator seeded with ``(seed, stage, s)``, so a run that stops and resumes gives the weights of one that
 does not (on the same machine and thread count: float reductions may differ between thread counts). Stage lengths are
@@ -867,8 +870,11 @@ class BaseModel:
         return next(self.unet.parameters()).device
 
 
-def trained_model(plan: Plan, out: Path, use_ema: bool = True, require_done: bool = True) -> BaseModel:
-    """The model from the stage checkpoints (the EMA weights unless ``use_ema`` is false)."""
+def trained_model(
+    plan: Plan, out: Path, use_ema: bool = True, require_done: bool = True, erase_held_out: bool = True
+) -> BaseModel:
+    """The model from the stage checkpoints (the EMA weights unless ``use_ema`` is false), its text encoder without
+    the held-out words unless ``erase_held_out`` is false (to measure what the UNet learnt to draw for them)."""
     vae = load_trained_vae(plan, out)
     path = out / "state" / "unet.pt"
     if not path.is_file():
@@ -884,7 +890,37 @@ def trained_model(plan: Plan, out: Path, use_ema: bool = True, require_done: boo
         ema = _Ema([unet, text_encoder], plan.unet.ema_decay)
         ema.load_state_dict(state["ema"])
         ema.copy_to()
-    return BaseModel(unet.eval(), vae, text_encoder.eval(), build_tokenizer(), scheduler_config())
+    tokenizer = build_tokenizer()
+    if erase_held_out:
+        erase_held_out_words(text_encoder, tokenizer, build_text_encoder(plan.arch, plan.seed))
+    return BaseModel(unet.eval(), vae, text_encoder.eval(), tokenizer, scheduler_config())
+
+
+def held_out_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The token id of each held-out word (each is one CLIP token that no other caption word uses)."""
+    ids = {}
+    for word in world.held_out_words():
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise BaseModelError(f"held-out word {word!r} is {len(tokens)} CLIP tokens; held-out words must be one")
+        ids[word] = tokens[0]
+    others = set(world.caption_vocabulary()) - set(ids)
+    shared = set(ids.values()) & {t for w in others for t in tokenizer(w, add_special_tokens=False)["input_ids"]}
+    if shared:
+        raise BaseModelError(f"held-out token ids {sorted(shared)} are also used by other caption words")
+    return ids
+
+
+@torch.no_grad()
+def erase_held_out_words(text_encoder: Any, tokenizer: Any, initial_encoder: Any) -> dict[str, int]:
+    """Put the held-out words' token rows of ``text_encoder`` back to ``initial_encoder``'s (the same architecture
+    and seed before training): they become like the ~49k tokens the captions never used, and the model keeps what it
+    learnt to draw but loses the words for it. Returns the erased ids."""
+    ids = held_out_token_ids(tokenizer)
+    rows = torch.tensor(sorted(ids.values()))
+    table = text_encoder.get_input_embeddings().weight
+    table[rows] = initial_encoder.get_input_embeddings().weight[rows].to(table)
+    return ids
 
 
 def save_model(model: BaseModel, folder: Path, record: dict[str, Any] | None = None) -> Path:
@@ -1016,19 +1052,23 @@ class PromptCase:
     expected: dict[str, str]
 
 
-def evaluation_prompts(n: int, seed: int = 0, exclude: set[str] | frozenset[str] = frozenset()) -> list[PromptCase]:
-    """``n`` prompts that name shape, colour, background and texture (regular classes only, every wording the
-    captions use), none of them in ``exclude`` (the training captions), with the attributes they ask for."""
+def evaluation_prompts(
+    n: int, seed: int = 0, exclude: set[str] | frozenset[str] = frozenset(), held_out: bool = False
+) -> list[PromptCase]:
+    """``n`` prompts that name shape, colour, background and texture (every wording the captions use), none of them
+    in ``exclude`` (the training captions), with the attributes they ask for: regular classes only, or with
+    ``held_out`` each with a held-out shape or texture (named by the words the shipped model has forgotten)."""
     every = world.CaptionDropout(shape=0.0, colour=0.0, background=0.0, texture=0.0)
-    rng = np.random.default_rng([seed, 4242])
+    rng = np.random.default_rng([seed, 4343 if held_out else 4242])
     cases: list[PromptCase] = []
     seen: set[str] = set()
     for _ in range(200 * n):
         if len(cases) == n:
             break
-        scene = world.sample_scene(rng, uniform=True, include_held_out=False)
+        scene = world.sample_scene(rng, uniform=True, include_held_out=held_out)
+        shows_held_out = scene.shape in world.HELD_OUT_SHAPES or scene.texture in world.HELD_OUT_TEXTURES
         text = world.caption(scene, rng, every)
-        if text in exclude or text in seen:
+        if text in exclude or text in seen or shows_held_out != held_out:
             continue
         seen.add(text)
         expected = scene.attributes()
@@ -1113,15 +1153,30 @@ def evaluate_samples(
     seed: int = 0,
     steps: int = 25,
     guidance: float = 4.0,
+    held_out: bool = False,
 ) -> dict[str, Any]:
-    """Sample ``n`` prompts not seen verbatim in training and judge them (per attribute)."""
-    cases = evaluation_prompts(n, seed, exclude)
+    """Sample ``n`` prompts not seen verbatim in training and judge them (per attribute); ``held_out``: prompts
+    that name held-out classes (:func:`evaluation_prompts`)."""
+    cases = evaluation_prompts(n, seed, exclude, held_out)
     images = sample(model, [c.prompt for c in cases], steps=steps, guidance=guidance, seed=seed)
     result: dict[str, Any] = {"prompts": [c.prompt for c in cases], "images": images}
     judged = judge_images(images)
     if judged is not None:
         result["judges"] = accuracy(judged, [c.expected for c in cases])
+        if held_out:
+            result["held_out_classes"] = held_out_rates(judged, [c.expected for c in cases])
     return result
+
+
+def held_out_rates(predicted: Sequence[dict[str, str]], expected: Sequence[dict[str, str]]) -> dict[str, float]:
+    """For each held-out class: the share of the images asked to show it that the judges say show it."""
+    rates = {}
+    for attribute, classes in world.HELD_OUT.items():
+        for name in classes:
+            asked = [p.get(attribute) == name for p, e in zip(predicted, expected) if e.get(attribute) == name]
+            if asked:
+                rates[name] = sum(asked) / len(asked)
+    return rates
 
 
 def image_grid(images: np.ndarray, columns: int = 8) -> Any:
@@ -1190,8 +1245,10 @@ def train(
         },
         "final_losses": {"vae": vae_state["history"][-1:], "unet": unet_state["history"][-1:]},
         "scaling_factor": float(model.vae.config.scaling_factor),
+        "erased_words": held_out_token_ids(model.tokenizer),
         "note": "minutes: the training steps; data_minutes: rendering images (vae) or encoding latents and "
-        "tokenizing captions (unet); machine: the one that ran the stage's last steps",
+        "tokenizing captions (unet); machine: the one that ran the stage's last steps; erased_words: held-out words "
+        "(token ids) in the captions whose text-encoder rows were put back to their initial values",
     }
     folder = save_model(model, out / "model", record)
     return _summary(results, folder)

@@ -3,7 +3,8 @@
 Stages (``--stage``): ``vae``, then ``unet`` (text encoder + UNet on the frozen VAE's latents); ``all`` runs both.
 Each stage stops after its step count or after ``--minutes`` and is continued by running the same command again
 (the same ``--out`` and settings). When both are done the model is written to ``DIR/model`` (diffusers format,
-fp16, with ``training_record.json``); ``--eval N`` then samples N prompts not seen in training and judges them.
+fp16, with ``training_record.json``); ``--eval N`` then samples N prompts not seen in training and judges them, and
+N/2 prompts naming held-out classes, with their words and with them erased (as shipped).
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                 result = base_model.evaluate_samples(model, args.eval, exclude=exclude)
             base_model.image_grid(result["images"][:64]).save(args.out / "samples.png")
             summary["sample_eval"] = {k: v for k, v in result.items() if k != "images"}
+            # Prompts naming the held-out classes: drawn on cue with the words, not after they are erased.
+            summary["held_out_eval"] = {}
+            for label, erase in (("with_the_words", False), ("shipped_words_erased", True)):
+                named = base_model.trained_model(plan, args.out, erase_held_out=erase).to(args.device)
+                with torch.no_grad():
+                    result = base_model.evaluate_samples(named, args.eval // 2, exclude=exclude, held_out=True)
+                summary["held_out_eval"][label] = {k: v for k, v in result.items() if k not in ("images", "prompts")}
         print(json.dumps(summary, indent=2))
         return 0
     except base_model.BaseModelError as error:
