@@ -49,15 +49,17 @@ def checkpoint_name(family: str) -> str:
     return "embtrain-tiny" if family == "sd1" else f"embtrain-tiny-{family}"
 
 
-def prepare_data_folder(data: Path, models: Path, family: str = "sd1") -> Path:
-    """The WebUI's private data folder: this repository as an extension, the tiny checkpoint of ``family`` (and,
-    for SD2/SDXL, the extension that registers its OpenCLIP architecture). Returns the checkpoint."""
+def prepare_data_folder(data: Path, models: Path, family: str = "sd1", model: Path | None = None) -> Path:
+    """The WebUI's private data folder: this repository as an extension, the tiny checkpoint of ``family`` (or
+    ``model``, a diffusers SD1 folder, exported) and for SD2/SDXL the extension that registers the tiny OpenCLIP
+    architecture. Returns the checkpoint."""
     from embedding_trainer.standalone.export_a1111 import export_a1111
     from embedding_trainer.standalone.tiny_models import save_tiny_model
 
     (data / "extensions").mkdir(parents=True)
     (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)
-    model = save_tiny_model(family, models / family, seed=0, webui_loadable=True)
+    if model is None:
+        model = save_tiny_model(family, models / family, seed=0, webui_loadable=True)
     result = export_a1111(model, data / "models" / "Stable-diffusion" / checkpoint_name(family))
     if result.open_clip_config is not None:
         scripts = data / "extensions" / "embtrain-test-open-clip" / "scripts"
@@ -73,10 +75,15 @@ def prepare_data_folder(data: Path, models: Path, family: str = "sd1") -> Path:
 
 @contextlib.contextmanager
 def running_webui(
-    data: Path, models: Path, with_ui: bool, family: str = "sd1", extra_args: Sequence[str] = ()
+    data: Path,
+    models: Path,
+    with_ui: bool,
+    family: str = "sd1",
+    extra_args: Sequence[str] = (),
+    model: Path | None = None,
 ) -> Iterator[str]:
     """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers."""
-    checkpoint = prepare_data_folder(data, models, family)
+    checkpoint = prepare_data_folder(data, models, family, model)
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")  # fmt: skip

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import TrainConfig, field_kind
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..log import logger
+from ..toyworld.world import HELD_OUT_CONCEPTS
 
 #: Options that are not TrainConfig fields (host-specific or CLI-only).
 _CLI_ONLY = {"model", "config", "command", "quiet"}
@@ -62,9 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="*.safetensors or *.pt (the WebUI's layout)")
     convert.add_argument("--overwrite", action="store_true")
 
-    demo = sub.add_parser("demo", help="a short end-to-end run on generated images with a tiny model")
-    demo.add_argument("--out", default="demo-output", help="folder for the model, images and embedding")
-    demo.add_argument("--steps", type=int, default=150)
+    demo = sub.add_parser(
+        "demo", help="teach the shipped toy model a shape it has no word for; writes the file, a grid and scores"
+    )
+    demo.add_argument("--out", default="demo-output", help="folder for the photos, embedding, grid and scores")
+    demo.add_argument(
+        "--concept", default="heart", choices=sorted(HELD_OUT_CONCEPTS), help="the held-out concept to learn"
+    )
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="start over in an existing demo folder")
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight diffusers model (for trying things)")
@@ -237,9 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(convert_embedding(args.input, args.output, overwrite=args.overwrite))
         elif args.command == "demo":
-            from .demo import run_demo
+            from ..toyworld.demo import run_demo
 
-            run_demo(Path(args.out), steps=args.steps, overwrite=args.overwrite)
+            run_demo(Path(args.out), concept=args.concept, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
         elif args.command == "make-tiny-model":
             from .tiny_models import save_tiny_model
 
