@@ -9,6 +9,7 @@ through its budgets, as in the textual-inversion paper). Examples::
 
     python benchmarks/learning.py --short                 # one concept, one seed, budgets 0/25/100: a few minutes
     python benchmarks/learning.py --out bench-out         # every concept and method, 3 seeds, 25..400 steps
+    python benchmarks/learning.py --jobs 2 --threads 1    # the same, two runs at a time (one per core)
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="+", type=int, default=[25, 50, 100, 200, 400])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's choice)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (e.g. 2 x --threads 1)")
     p.add_argument("--out", type=Path, default=Path("bench-learning"))
     p.add_argument("--short", action="store_true", help="one concept, one seed, budgets 25 and 100, two methods")
     args = p.parse_args(argv)
@@ -122,35 +126,62 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     image.save(path)
 
 
+#: Per-process state of a benchmark worker: the model, its host and the judges, loaded once.
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(model: Path, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER.update(model=load_model(model), host=DiffusersHost.from_pretrained(model), judges=load_judges())
+
+
+def _run_one(task: tuple[str, str, int, list[int], int, Path]) -> tuple[list[dict[str, Any]], str]:
+    """Train and score one (method, concept, seed); returns its CSV rows and a progress line."""
+    method_name, concept_name, seed, budgets, images_per_prompt, work = task
+    run = learning.evaluate_concept(
+        _WORKER["model"], _WORKER["host"], _WORKER["judges"], world.HELD_OUT_CONCEPTS[concept_name],
+        learning.METHODS[method_name], budgets, work, seed=seed, images_per_prompt=images_per_prompt,
+    )  # fmt: skip
+    rows = [
+        {"method": method_name, "concept": concept_name, "seed": seed, "steps": steps,
+         "reconstruction": scores.reconstruction, "editability": scores.editability, "images": scores.images,
+         "train_s": run.train_s * steps / max(budgets), "steps_per_s": run.steps_per_s}
+        for steps, scores in sorted(run.scores.items())
+    ]  # fmt: skip
+    last = run.scores[max(budgets)]
+    line = (
+        f"{method_name} {concept_name} seed {seed}: {run.steps_per_s:.1f} steps/s, at {max(budgets)} steps "
+        f"reconstruction {last.reconstruction:.2f}, editability {last.editability:.2f}"
+    )
+    return rows, line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args.model)
-    host = DiffusersHost.from_pretrained(args.model)
-    judges = load_judges()
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="embtrain-learning-") as tmp:
-        for method_name in args.methods:
-            method = learning.METHODS[method_name]
-            for concept_name in args.concepts:
-                concept = world.HELD_OUT_CONCEPTS[concept_name]
-                for seed in args.seeds:
-                    work = Path(tmp) / f"{method_name}-{concept_name}-{seed}"
-                    run = learning.evaluate_concept(
-                        model, host, judges, concept, method, args.budgets, work, seed=seed,
-                        images_per_prompt=args.images_per_prompt,
-                    )  # fmt: skip
-                    for steps, scores in sorted(run.scores.items()):
-                        rows.append({"method": method_name, "concept": concept_name, "seed": seed, "steps": steps,
-                                     "reconstruction": scores.reconstruction, "editability": scores.editability,
-                                     "images": scores.images, "train_s": run.train_s * steps / max(args.budgets),
-                                     "steps_per_s": run.steps_per_s})  # fmt: skip
-                    last = run.scores[max(args.budgets)]
-                    print(f"{method_name} {concept_name} seed {seed}: {run.steps_per_s:.1f} steps/s, at "
-                          f"{max(args.budgets)} steps reconstruction {last.reconstruction:.2f}, editability "
-                          f"{last.editability:.2f}", flush=True)  # fmt: skip
+        tasks = [
+            (method, concept, seed, args.budgets, args.images_per_prompt, Path(tmp) / f"{method}-{concept}-{seed}")
+            for method in args.methods
+            for concept in args.concepts
+            for seed in args.seeds
+        ]
+        if args.jobs == 1:
+            _start_worker(args.model, args.threads)
+            results = map(_run_one, tasks)
+        else:  # one process per job, each with its own model copy and --threads threads
+            pool = ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                initargs=(args.model, args.threads),
+            )  # fmt: skip
+            results = pool.map(_run_one, tasks)
+        for task_rows, line in results:
+            rows.extend(task_rows)
+            print(line, flush=True)
+        if args.jobs != 1:
+            pool.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "learning.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -162,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(summary)
     plot(summary, args.out / "learning.png")
+    threads = args.threads or torch.get_num_threads()
     machine = (
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.jobs} job(s) of {threads} thread(s)"
     )
     print(f"\n{machine}, {datetime.date.today()}, {time.perf_counter() - started:.0f} s in all")
     print_table(summary)

@@ -556,6 +556,14 @@ class Trainer:
         where = f"\nLast good embedding (step {step}): {saved}"
         if isinstance(error, TrainingError):
             return TrainingError(f"{error}{where}")
+        if _is_out_of_memory(error):
+            c = self.config
+            return TrainingError(
+                f"the device ran out of memory at step {step + 1} (batch_size {c.batch_size} at {self.resolution} "
+                f"px). Lower batch_size and raise grad_accum to keep the same images per step (e.g. batch_size "
+                f"{max(1, c.batch_size // 2)}, grad_accum {c.grad_accum * 2}), or turn on gradient_checkpointing "
+                f"or vae_to_cpu. ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}){where}"
+            )
         return TrainingError(f"training failed at step {step + 1}: {type(error).__name__}: {error}{where}")
 
     # -- files ------------------------------------------------------------------------------------------------
@@ -612,3 +620,11 @@ def _no_gradient_message(key: str) -> str:
 def train(config: TrainConfig, host: Host, callbacks: Callbacks | None = None) -> TrainResult:
     """Train an embedding as ``config`` says on ``host``; see :class:`Trainer`."""
     return Trainer(config, host, callbacks).run()
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's ``OutOfMemoryError`` (torch >= 1.13) or the plain RuntimeError other backends raise."""
+    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(error, oom_type):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

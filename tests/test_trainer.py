@@ -136,6 +136,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, host, monkey
     assert not (tmp_path / "out" / "my-cat.safetensors").exists()
 
 
+def test_running_out_of_memory_names_the_settings_that_fix_it(tmp_path, host, monkeypatch):
+    calls = {"n": 0}
+    original = DiffusersHost.predict
+    # CUDA's error type where torch has it (a CPU build too), else the RuntimeError other backends raise.
+    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+
+    def predict(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise oom("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusersHost, "predict", predict)
+    with pytest.raises(TrainingError, match="ran out of memory at step 2 \\(batch_size 2 at 64 px\\)") as error:
+        Trainer(config(tmp_path, max_steps=4), host).run()
+    message = str(error.value)
+    assert "batch_size 1, grad_accum 2" in message and "gradient_checkpointing" in message
+    assert load_embedding(tmp_path / "run" / "my-cat-last-good.safetensors").step == 1
+
+
 def test_a_detached_gradient_path_is_caught_at_the_first_step(tmp_path, host, monkeypatch):
     original = DiffusersHost.encode_prompts
     monkeypatch.setattr(

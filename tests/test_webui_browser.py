@@ -92,9 +92,9 @@ def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
     base, data = webui_ui
     make_images(tmp_path / "images", count=4)
     with tab_page(base, tmp_path / "embtrain-tab.png") as page:
-        # The loaded model's native resolution and learning rate (SD1: 512, 0.005) are filled in when the page loads.
+        # The loaded model's native resolution and learning rate (SD1: 512, 0.01) are filled in when the page loads.
         _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '512'", "no default")
-        assert _value(page, "embtrain_learning_rate") == "0.005"
+        assert _value(page, "embtrain_learning_rate") == "0.01"
         _fill(page, "embtrain_name", "uicat")
         _fill(page, "embtrain_init_text", "cat")
         _fill(page, "embtrain_images", str(tmp_path / "images"))

@@ -190,7 +190,7 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert [point[0] for point in status["loss_history"]] == [1, 2, 3]
     assert all(isinstance(v, float) and v > 0 for point in status["loss_history"] for v in point[1:])
     assert status["loss"] == status["loss_history"][-1][1]
-    assert status["learning_rate"] == pytest.approx(0.005)
+    assert status["learning_rate"] == pytest.approx(0.01)
     assert status["it_per_s"] > 0 and status["eta_s"] == 0
     assert status["config"]["max_steps"] == 3 and status["config"]["name"] == "my-cat"
     assert status["started_at"] <= status["finished_at"] and status["elapsed_s"] >= 0
@@ -569,7 +569,7 @@ def test_the_config_schema_describes_every_field(api):
     lr = fields["learning_rate"]
     help_text = next(f.metadata["help"] for f in TrainConfig.fields() if f.name == "learning_rate")
     assert lr["help"] == help_text and "piecewise schedule" in lr["help"]
-    assert (lr["type"], lr["default"], lr["accepts_number"], lr["choices"]) == ("str", "0.005", True, None)
+    assert (lr["type"], lr["default"], lr["accepts_number"], lr["choices"]) == ("str", "0.01", True, None)
     assert (fields["max_steps"]["type"], fields["max_steps"]["default"], fields["max_steps"]["min"]) == ("int", 1000, 1)
     assert fields["num_vectors"]["max"] == 75 and fields["tag_dropout"]["type"] == "float"
     assert fields["crop"]["choices"] == ["center", "random"] and fields["flip"]["type"] == "bool"

@@ -27,7 +27,7 @@ def test_form_sends_changed_fields_only():
 
 
 def test_defaults_per_family():
-    assert tab.family_defaults("sd1") == tab.FamilyDefaults(512, "0.005")
+    assert tab.family_defaults("sd1") == tab.FamilyDefaults(512, "0.01")
     assert tab.family_defaults("sd2", "eps").resolution == 512
     assert tab.family_defaults("sd2", "v").resolution == 768
     assert tab.family_defaults("sdxl") == tab.FamilyDefaults(1024, "0.002")

@@ -1,8 +1,9 @@
 """The README's main command: teach the shipped toy model a concept it has no word for, and show it.
 
 ``python -m embedding_trainer demo`` takes the toy model that ships with the project, draws four "user photos" of a
-held-out concept (by default a heart: the model has seen hearts but never the word), trains an embedding for it
-with the command line's own code path (progress bar included), and writes into the output folder:
+held-out concept (by default a heart: the model can draw hearts, but its text encoder has no word for them), trains
+an embedding for it with the command line's own code path (progress bar included), and writes into the output
+folder:
 
 - ``embeddings/<trigger>.safetensors``: the embedding;
 - ``grid.png``: the user photos, then images drawn with the trigger before training (the initial vectors) and

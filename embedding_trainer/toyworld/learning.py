@@ -65,8 +65,8 @@ OUR_DEFAULTS_4_VECTORS = Method("ours-4-vectors", {"num_vectors": 4}, "TrainConf
 #: The WebUI's built-in trainer's defaults, reproduced with our loop.
 WEBUI_DEFAULTS = Method(
     "webui-defaults",
-    {"learning_rate": "0.005", "lr_scheduler": "constant", "batch_size": 1, "init_text": "*", "num_vectors": 1,
-     "min_snr_gamma": 0.0},
+    {"learning_rate": "0.005", "lr_scheduler": "constant", "batch_size": 1, "grad_accum": 1, "init_text": "*",
+     "num_vectors": 1, "min_snr_gamma": 0.0},
     "lr 0.005 constant, batch 1, init '*', 1 vector, no min-SNR (A1111's Train tab)",
 )  # fmt: skip
 METHODS = {m.name: m for m in (OUR_DEFAULTS, WEBUI_DEFAULTS, OUR_DEFAULTS_4_VECTORS)}

@@ -131,15 +131,16 @@ class FamilyDefaults:
 def family_defaults(family: str | None, prediction_type: str | None = None) -> FamilyDefaults:
     """The model's native resolution (512 for SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL) and a learning rate.
 
-    SD1/SD2 keep the WebUI's 0.005. SDXL gets 0.002, the effective rate of diffusers' SDXL textual-inversion
-    example (5e-4 scaled by its 4 accumulated images): SDXL's two encoders move together, and 0.005 is the rate
-    tuned for one CLIP-L.
+    SD1/SD2 take ``TrainConfig``'s rate (0.01 at batch 4, chosen by the learning benchmark). SDXL gets 0.002, the
+    effective rate of diffusers' SDXL textual-inversion example (5e-4 scaled by its 4 accumulated images): SDXL's
+    two encoders move together, and the other rate suits one CLIP-L.
     """
     if family == "sdxl":
         return FamilyDefaults(1024, "0.002")
+    rate = TrainConfig().learning_rate
     if family == "sd2" and prediction_type in ("v", "v_prediction"):
-        return FamilyDefaults(768, "0.005")
-    return FamilyDefaults(512, "0.005")
+        return FamilyDefaults(768, rate)
+    return FamilyDefaults(512, rate)
 
 
 def run_options_body(values: Any) -> dict[str, Any]:

@@ -1,0 +1,36 @@
+"""The learning benchmark runs end to end on the shipped toy model (two parallel jobs, a two-step budget) and writes
+its table, CSVs and plot."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
+
+
+def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--concepts", "heart", "--methods", "ours", "webui-defaults", "--seeds", "0",
+         "--budgets", "2", "--images-per-prompt", "1", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reconstruction" in result.stdout and "2 job(s) of 1 thread(s)" in result.stdout, result.stdout
+    with open(tmp_path / "learning.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    # Both methods, scored at the initial vectors (step 0) and at the budget, each on 10 images (2 + 8 prompts).
+    assert sorted((r["method"], int(r["steps"])) for r in rows) == [
+        ("ours", 0), ("ours", 2), ("webui-defaults", 0), ("webui-defaults", 2)
+    ]  # fmt: skip
+    assert all(int(r["images"]) == 10 and 0.0 <= float(r["reconstruction"]) <= 1.0 for r in rows)
+    summary = (tmp_path / "learning-summary.csv").read_text(encoding="utf-8").splitlines()
+    assert summary[0].startswith("method,steps,seeds,reconstruction") and len(summary) == 5
+    assert (tmp_path / "learning.png").stat().st_size > 1000
