@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import multiprocessing
 import os
 import platform
@@ -47,7 +48,11 @@ COLUMNS = ("method", "concept", "seed", "steps", "reconstruction", "editability"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=learning.SHIPPED_MODEL, help="diffusers folder of the toy model")
-    p.add_argument("--methods", nargs="+", default=list(learning.METHODS), choices=list(learning.METHODS))
+    p.add_argument("--methods", nargs="*", default=list(learning.METHODS), choices=list(learning.METHODS))
+    p.add_argument(
+        "--method", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+        help="also run a method of your own: TrainConfig fields over the defaults, e.g. x '{\"batch_size\": 2}'",
+    )  # fmt: skip
     p.add_argument(
         "--concepts", nargs="+", default=list(world.HELD_OUT_CONCEPTS), choices=list(world.HELD_OUT_CONCEPTS)
     )
@@ -62,6 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.short:
         args.concepts, args.seeds, args.budgets = args.concepts[:1], args.seeds[:1], [25, 100]
         args.methods = args.methods[:2]
+    args.runs = [learning.METHODS[name] for name in args.methods]
+    for name, fields in args.method:
+        try:
+            args.runs.append(learning.Method(name, json.loads(fields), "from --method"))
+        except json.JSONDecodeError as error:
+            p.error(f"--method {name}: {fields!r} is not JSON ({error})")
+    if not args.runs:
+        p.error("no methods: name some with --methods or give --method NAME JSON")
     return args
 
 
@@ -136,12 +149,13 @@ def _start_worker(model: Path, threads: int | None) -> None:
     _WORKER.update(model=load_model(model), host=DiffusersHost.from_pretrained(model), judges=load_judges())
 
 
-def _run_one(task: tuple[str, str, int, list[int], int, Path]) -> tuple[list[dict[str, Any]], str]:
+def _run_one(task: tuple[learning.Method, str, int, list[int], int, Path]) -> tuple[list[dict[str, Any]], str]:
     """Train and score one (method, concept, seed); returns its CSV rows and a progress line."""
-    method_name, concept_name, seed, budgets, images_per_prompt, work = task
+    method, concept_name, seed, budgets, images_per_prompt, work = task
+    method_name = method.name
     run = learning.evaluate_concept(
         _WORKER["model"], _WORKER["host"], _WORKER["judges"], world.HELD_OUT_CONCEPTS[concept_name],
-        learning.METHODS[method_name], budgets, work, seed=seed, images_per_prompt=images_per_prompt,
+        method, budgets, work, seed=seed, images_per_prompt=images_per_prompt,
     )  # fmt: skip
     rows = [
         {"method": method_name, "concept": concept_name, "seed": seed, "steps": steps,
@@ -163,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="embtrain-learning-") as tmp:
         tasks = [
-            (method, concept, seed, args.budgets, args.images_per_prompt, Path(tmp) / f"{method}-{concept}-{seed}")
-            for method in args.methods
+            (method, concept, seed, args.budgets, args.images_per_prompt, Path(tmp) / f"{method.name}-{concept}-{seed}")
+            for method in args.runs
             for concept in args.concepts
             for seed in args.seeds
         ]

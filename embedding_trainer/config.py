@@ -29,7 +29,8 @@ class TrainConfig:
     name: str = _f("", "Trigger word and file name of the embedding (letters, digits, '.', '_', '-').")
     images: str = _f("", "Folder of training images (png, jpg, webp, bmp).")
     recursive: bool = _f(False, "Include images in sub-folders.")
-    num_vectors: int = _f(1, "Vectors per token (more capture more detail, but edit less well).", min=1, max=75)
+    # 4: in the learning benchmark (benchmarks/RESULTS.md) 4 vectors learnt faster than 1 and edited as well or better.
+    num_vectors: int = _f(4, "Vectors per token (each takes one of the prompt's 75 token places).", min=1, max=75)
     init_mode: str = _f("text", "How to initialise the vectors.", ("text", "file", "random"))
     init_text: str = _f("*", "Initialisation text (init_mode=text): its token embeddings spread over the vectors.")
     init_file: str = _f("", "Embedding file to continue training (init_mode=file); sets the vector count.")
@@ -61,8 +62,8 @@ class TrainConfig:
     min_images: int = _f(1, "Fail if fewer readable images than this remain.", min=1)
     # Optimisation
     max_steps: int = _f(1000, "Optimiser steps in this run (not counting steps stored in an init file).", min=1)
-    # Batch 4 at 0.01: on the toy model (benchmarks/RESULTS.md) the WebUI's batch 1 at 0.005 learnt 3 of 4 held-out
-    # concepts not at all in 400 steps, batch 4 at 0.01 by 100-200 steps.
+    # Batch 4 at 0.01: in a one-seed sweep on the toy model (benchmarks/RESULTS.md) it learnt every held-out concept
+    # within 200 steps, where batch 1 or the WebUI's 0.005 left some unlearnt at 400.
     batch_size: int = _f(4, "Images per micro-batch (out of memory? lower it, raise grad_accum).", min=1, max=256)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", min=1, max=256)
     learning_rate: str = _f(

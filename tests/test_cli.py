@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
 from embedding_trainer.log import logger
 from embedding_trainer.standalone import cli
@@ -132,7 +133,7 @@ def test_train_writes_the_embedding_then_refuses_to_overwrite_it(
     assert "it/s" not in err  # --quiet: no progress bar
     data = load_embedding(output)
     assert (data.name, data.step, data.layout) == ("my-cat", 3, "emb_params")
-    assert data.vectors["vec"].shape == (1, 32)
+    assert data.vectors["vec"].shape == (TrainConfig().num_vectors, 32)
     assert data.metadata["family"] == "sd1"
     saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert (saved["name"], saved["max_steps"], saved["resolution"]) == ("my-cat", 3, 64)

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--concept", default="heart", choices=sorted(HELD_OUT_CONCEPTS), help="the held-out concept to learn"
     )
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="start over in an existing demo folder")
 

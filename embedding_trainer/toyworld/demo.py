@@ -35,7 +35,7 @@ def run_demo(
     out: Path,
     *,
     concept: str = "heart",
-    steps: int = 300,
+    steps: int = 150,
     seed: int = 0,
     model: Path = learning.SHIPPED_MODEL,
     overwrite: bool = False,

@@ -60,8 +60,8 @@ class Method:
 
 #: Our defaults: whatever ``TrainConfig`` defaults to (so the benchmark follows them when they change).
 OUR_DEFAULTS = Method("ours", {}, "TrainConfig's defaults")
-#: The same with several vectors per token (more capacity, usually less editable).
-OUR_DEFAULTS_4_VECTORS = Method("ours-4-vectors", {"num_vectors": 4}, "TrainConfig's defaults with 4 vectors")
+#: The same with one vector per token (the WebUI's default count): one vs several vectors.
+OUR_DEFAULTS_1_VECTOR = Method("ours-1-vector", {"num_vectors": 1}, "TrainConfig's defaults with 1 vector")
 #: The WebUI's built-in trainer's defaults, reproduced with our loop.
 WEBUI_DEFAULTS = Method(
     "webui-defaults",
@@ -69,7 +69,7 @@ WEBUI_DEFAULTS = Method(
      "num_vectors": 1, "min_snr_gamma": 0.0},
     "lr 0.005 constant, batch 1, init '*', 1 vector, no min-SNR (A1111's Train tab)",
 )  # fmt: skip
-METHODS = {m.name: m for m in (OUR_DEFAULTS, WEBUI_DEFAULTS, OUR_DEFAULTS_4_VECTORS)}
+METHODS = {m.name: m for m in (OUR_DEFAULTS, WEBUI_DEFAULTS, OUR_DEFAULTS_1_VECTOR)}
 
 
 @dataclass

@@ -350,6 +350,7 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
             return gr.Number(value=value, minimum=spec.minimum, maximum=spec.maximum, **common, **extra)
         return gr.Textbox(value=str(value), lines=1, **common)
 
+    defaults = TrainConfig()
     with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row(elem_id="embtrain_layout", equal_height=False):
             with gr.Column(scale=3, elem_id="embtrain_settings"):
@@ -366,11 +367,11 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
                 name_check = gr.HTML(elem_id="embtrain_name_check")
                 with gr.Row():
                     init_text = gr.Textbox(
-                        label="Initialization text", value="*", lines=1, elem_id="embtrain_init_text",
+                        label="Initialization text", value=defaults.init_text, lines=1, elem_id="embtrain_init_text",
                         info="A word close to the concept, e.g. 'cat' (new embeddings only).",
                     )  # fmt: skip
                     num_vectors = gr.Number(
-                        label="Vectors per token", value=1, precision=0, minimum=1, maximum=75,
+                        label="Vectors per token", value=defaults.num_vectors, precision=0, minimum=1, maximum=75,
                         elem_id="embtrain_num_vectors",
                     )  # fmt: skip
                 with gr.Row():
