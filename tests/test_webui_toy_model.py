@@ -87,7 +87,7 @@ def test_an_embedding_trained_in_the_webui_draws_the_held_out_shape(webui: Clien
         "images": str(photos),
         "template": str(learning.concept_template(concept, tmp_path)),
         "resolution": world.IMAGE_SIZE,
-        "max_steps": 300,
+        "max_steps": 150,
         "seed": 0,
     }
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
