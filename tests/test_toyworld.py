@@ -1,5 +1,6 @@
-"""The toy world: deterministic images, clean captions that never name a held-out concept, user photos that show
-their concept, and shipped judges that load offline, are deterministic and are accurate on fresh clean images."""
+"""The toy world: deterministic images, captions in a closed vocabulary (the held-out words only in the base model's
+training captions, never in prompts), user photos that show their concept, and shipped judges that load offline,
+are deterministic and are accurate on fresh clean images."""
 
 from __future__ import annotations
 
