@@ -18,6 +18,7 @@ from embedding_trainer.standalone.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Callbacks, Trainer
 
 pytestmark = pytest.mark.compat
+DEFAULT_VECTORS = TrainConfig().num_vectors
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_model_weights_and_vocabulary_are_bit_identical_after_training(tmp_path,
     assert [p.requires_grad for p in host.unet.parameters()] == flags  # restored after the run
     assert result.steps == 3 and result.embedding_path.is_file()
     data = load_embedding(result.embedding_path, host.encoders)
-    assert data.vectors["clip_l"].shape == (1, 32) and data.step == 3 and data.name == "my-cat"
+    assert data.vectors["clip_l"].shape == (DEFAULT_VECTORS, 32) and data.step == 3 and data.name == "my-cat"
     assert data.metadata["family"] == "sd1"
 
 
@@ -69,7 +70,7 @@ def test_callbacks_fire_on_the_right_steps(tmp_path, host):
     assert [p.step for p in progress] == [1, 2, 3, 4, 5]
     assert all(p.total_steps == 5 and math.isfinite(p.loss) and p.it_per_s > 0 for p in progress)
     assert progress[-1].eta_s == 0
-    assert steps == [(i, (1, 32)) for i in range(1, 6)]
+    assert steps == [(i, (DEFAULT_VECTORS, 32)) for i in range(1, 6)]
     assert saves == [("my-cat-000002.safetensors", 2), ("my-cat-000004.safetensors", 4), ("my-cat.safetensors", 5)]
     assert any(s.startswith("encoding latents") for s in statuses)
     # keep_saves=1 keeps only the newest intermediate pair

@@ -200,7 +200,7 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert (result["steps"], result["stopped"]) == (3, False)
     assert result["final_loss"] == status["loss_history"][-1][1]
     data = load_embedding(result["embedding_path"], host.encoders)
-    assert data.step == 3 and data.vectors["clip_l"].shape == (1, 32)
+    assert data.step == 3 and data.vectors["clip_l"].shape == (TrainConfig().num_vectors, 32)
     assert status["status_text"].startswith("finished after step 3")
 
     # The host's job state saw the run begin with its total, every step, and the end.
@@ -425,7 +425,7 @@ def bad_timestep(tmp_path: Path, host: DiffusersHost) -> tuple[dict[str, Any], A
         (
             broken_denoiser,
             "TrainingError",
-            "TrainingError: training failed at step 1: RuntimeError: CUDA out of memory (simulated)",
+            "TrainingError: the device ran out of memory at step 1 (batch_size 2 at 64 px). Lower batch_size",
             None,
         ),
         (no_model, "HostError", "HostError: no model is loaded; load a checkpoint first", None),
