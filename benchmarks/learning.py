@@ -15,6 +15,7 @@ through its budgets, as in the textual-inversion paper). Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -152,20 +153,19 @@ def _start_worker(model: Path, threads: int | None) -> None:
 def _run_one(task: tuple[learning.Method, str, int, list[int], int, Path]) -> tuple[list[dict[str, Any]], str]:
     """Train and score one (method, concept, seed); returns its CSV rows and a progress line."""
     method, concept_name, seed, budgets, images_per_prompt, work = task
-    method_name = method.name
     run = learning.evaluate_concept(
         _WORKER["model"], _WORKER["host"], _WORKER["judges"], world.HELD_OUT_CONCEPTS[concept_name],
         method, budgets, work, seed=seed, images_per_prompt=images_per_prompt,
     )  # fmt: skip
     rows = [
-        {"method": method_name, "concept": concept_name, "seed": seed, "steps": steps,
+        {"method": method.name, "concept": concept_name, "seed": seed, "steps": steps,
          "reconstruction": scores.reconstruction, "editability": scores.editability, "images": scores.images,
          "train_s": run.train_s * steps / max(budgets), "steps_per_s": run.steps_per_s}
         for steps, scores in sorted(run.scores.items())
     ]  # fmt: skip
     last = run.scores[max(budgets)]
     line = (
-        f"{method_name} {concept_name} seed {seed}: {run.steps_per_s:.1f} steps/s, at {max(budgets)} steps "
+        f"{method.name} {concept_name} seed {seed}: {run.steps_per_s:.1f} steps/s, at {max(budgets)} steps "
         f"reconstruction {last.reconstruction:.2f}, editability {last.editability:.2f}"
     )
     return rows, line
@@ -182,20 +182,19 @@ def main(argv: list[str] | None = None) -> int:
             for concept in args.concepts
             for seed in args.seeds
         ]
-        if args.jobs == 1:
-            _start_worker(args.model, args.threads)
-            results = map(_run_one, tasks)
-        else:  # one process per job, each with its own model copy and --threads threads
-            pool = ProcessPoolExecutor(
-                args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                initargs=(args.model, args.threads),
-            )  # fmt: skip
-            results = pool.map(_run_one, tasks)
-        for task_rows, line in results:
-            rows.extend(task_rows)
-            print(line, flush=True)
-        if args.jobs != 1:
-            pool.shutdown()
+        with contextlib.ExitStack() as stack:
+            if args.jobs == 1:
+                _start_worker(args.model, args.threads)
+                results = map(_run_one, tasks)
+            else:  # one process per job, each with its own model copy and --threads threads
+                pool = stack.enter_context(ProcessPoolExecutor(
+                    args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                    initargs=(args.model, args.threads),
+                ))  # fmt: skip
+                results = pool.map(_run_one, tasks)
+            for task_rows, line in results:
+                rows.extend(task_rows)
+                print(line, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "learning.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -194,3 +194,18 @@ def test_erasing_the_held_out_words_restores_exactly_their_initial_rows() -> Non
         assert set(base_model.world.caption_words(case.prompt)) & set(ids)
     for case in base_model.evaluation_prompts(6):
         assert not set(base_model.world.caption_words(case.prompt)) & set(ids)
+
+
+def test_the_training_command_judges_regular_and_held_out_prompts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from embedding_trainer.toyworld import train_base
+
+    assert train_base.main(["--out", str(tmp_path), "--quick", "--seed", "3", "--eval", "4", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["sample_eval"]["judges"]) >= set(base_model.JUDGED)
+    rates = summary["held_out_eval"]
+    assert set(rates) == {"with_the_words", "shipped_words_erased"}
+    for result in rates.values():
+        assert set(result["held_out_classes"]) <= {"heart", "moon", "dots"} and result["held_out_classes"]
+    assert (tmp_path / "samples.png").is_file()

@@ -72,3 +72,12 @@ def torch_from(array: np.ndarray):
     import torch
 
     return torch.from_numpy(array)
+
+
+def test_the_training_templates_never_name_a_held_out_concept() -> None:
+    # The trainer sees only these prompts (and the photos): the concept's word must stay unseen.
+    stems = world.forbidden_stems()
+    for templates in learning.TEMPLATES.values():
+        for template in templates:
+            assert "[name]" in template
+            assert not [w for w in world.caption_words(template) if w.startswith(stems)], template
