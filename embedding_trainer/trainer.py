@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
+import inspect
 import json
 import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import __version__
 from .config import TrainConfig
+from .cpu_threads import ThreadSetup, ThreadTuner
 from .dataset import RenderedSample, Sample, TrainingSet, scan_dataset
 from .embedding_file import EmbeddingData, load_embedding, save_embedding
 from .errors import ConfigError, EmbeddingFileError, TrainingError
@@ -74,11 +79,32 @@ class TrainResult:
     elapsed_s: float
     stopped: bool
     extra_paths: list[Path] = field(default_factory=list)
+    resolution: int = 0  # the training resolution in pixels (the checkpoint's own when the config said 0)
+    cpu_threads: ThreadSetup | None = None  # the CPU thread count the loop ran with, and why
+
+
+@dataclass
+class _PendingStep:
+    """A step whose loss is still on the device (not yet reported)."""
+
+    step: int
+    loss: torch.Tensor
+    learning_rate: float
+    elapsed_s: float
+
+
+#: Losses stay on the device between reports; a report (one transfer: a device synchronisation on CUDA) comes at
+#: most this often, and at every save, stop and the end.
+REPORT_INTERVAL_S = 0.25
 
 
 @dataclass
 class Callbacks:
-    """Hooks a caller passes in. All are optional; exceptions raised in them stop the run."""
+    """Hooks a caller passes in. All are optional; exceptions raised in them stop the run.
+
+    ``on_progress`` is called once for every step, in order, but in bursts at reports (see ``REPORT_INTERVAL_S``),
+    so the loop never waits for the device to hand over a loss; ``on_step`` and ``should_stop`` come every step.
+    """
 
     on_progress: Callable[[Progress], None] | None = None
     on_status: Callable[[str], None] | None = None  # phases: "scanning", "encoding latents 3/20", ...
@@ -119,11 +145,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
+    if precision == "fp16" and device.type != "cuda" and not fp16_supported_on(device.type):
         raise ConfigError(
-            "precision", f"fp16 needs a CUDA GPU (its grad scaler is CUDA-only); on {device.type} use fp32 or bf16"
+            "precision",
+            f"fp16 needs a CUDA GPU, or torch 2.3 or newer for fp16 autocast and a grad scaler on the {device.type} "
+            f"(this is torch {torch.__version__}); use fp32 or bf16",
         )
     return precision
+
+
+@functools.cache
+def fp16_supported_on(device_type: str) -> bool:
+    """Whether this torch has fp16 autocast and a grad scaler for ``device_type`` (CPU: torch >= 2.3)."""
+    if not (hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler")):
+        return False
+    try:
+        torch.amp.GradScaler(device_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # older versions warn and disable autocast for unsupported dtypes
+            with torch.autocast(device_type, dtype=torch.float16):
+                product = torch.ones(2, 2, device=device_type) @ torch.ones(2, 2, device=device_type)
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    return product.dtype == torch.float16
 
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -148,6 +192,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, host: Host, callbacks: Callbacks | None = None):
         config.require_for_training()
+        # Resolution 0 means the checkpoint's own size; the config (its config.json, status and saves) says which.
+        self.native_resolution = not config.resolution
+        config = config.replace(resolution=config.resolution or host.default_resolution)
         self.config = config
         self.host = host
         self.callbacks = callbacks or Callbacks()
@@ -166,7 +213,7 @@ class Trainer:
                 "timestep_max", f"{config.timestep_max} is past the model's last timestep {num_timesteps - 1}"
             )
         self.lr_schedule = parse_learning_rate(config.learning_rate)
-        self.resolution = config.resolution or host.default_resolution
+        self.resolution = config.resolution
         self._status("checking the prompt template")
         self.prompts = PromptBuilder(
             load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout
@@ -205,6 +252,7 @@ class Trainer:
             state_path = find_state(config.resume)
             tensors, meta = load_state(state_path)
             saved = TrainConfig.from_dict(json.loads(meta["config"]))
+            saved = saved.replace(resolution=saved.resolution or self.host.default_resolution)  # older saves: 0
             for f in TrainConfig.fields():
                 if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name):
                     raise ConfigError(
@@ -256,7 +304,8 @@ class Trainer:
         """The run header: what will happen, stated before it happens."""
         c = self.config
         widths = " + ".join(f"{e.key} {e.width}" for e in self.host.encoders)
-        size = f"{self.resolution}px" + (" with aspect buckets" if c.buckets else f", {c.crop} crop")
+        size = f"{self.resolution}px" + (" (the model's own)" if self.native_resolution else "")
+        size += " with aspect buckets" if c.buckets else f", {c.crop} crop"
         latents = f"cached ({c.latent_sampling})" if self.data.cacheable else "encoded every step (random crop)"
         lr = c.learning_rate if self.lr_schedule.is_piecewise else f"{c.learning_rate} {c.lr_scheduler}"
         lines = [
@@ -307,9 +356,12 @@ class Trainer:
             by_size.setdefault(self.data.target_size(key[0]), []).append(key)
         done = 0
         generator = torch.Generator().manual_seed(_seeded(self.config.seed, "latent-once", 0))
+        # On a GPU, one image per VAE call: four at 1024 px would make caching the run's memory peak (estimated for
+        # SDXL: 16.7 GiB, against 8.4 for the step with checkpointing; benchmarks/RESULTS.md). RAM has room for four.
+        per_call = 4 if self.device.type == "cpu" else 1
         for group in by_size.values():
-            for start in range(0, len(group), 4):
-                chunk = group[start : start + 4]
+            for start in range(0, len(group), per_call):
+                chunk = group[start : start + per_call]
                 rendered = [self.data.render(Sample(i, f, 0.5, 0.5)) for i, f in chunk]
                 mean, std = self._encode(rendered)
                 for j, (key, r) in enumerate(zip(chunk, rendered)):
@@ -416,23 +468,24 @@ class Trainer:
                 )
         return True
 
-    def _optimizer_step(self, step: int, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
-        """One optimiser step (``grad_accum`` micro-batches); returns its mean loss. Raises on NaN/inf."""
+    def _optimizer_step(
+        self, step: int, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor:
+        """One optimiser step (``grad_accum`` micro-batches); returns its mean loss, a 0-d tensor on the device.
+
+        Nothing here waits for the device but the first step's gradient check (and the fp16 grad scaler's overflow
+        check where AdamW is not fused, i.e. off CUDA): losses and vectors are checked for NaN/inf at the next report
+        (``_report``).
+        """
         c = self.config
         optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        total: torch.Tensor | None = None
         for micro in range(c.grad_accum):
             loss = self._loss(step * c.grad_accum + micro, leaves)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"the loss became {value} at step {step + 1}; the last good vectors are kept. "
-                    "Lower the learning rate, use fp32 or bf16, or check the images"
-                )
             if not loss.requires_grad:
                 raise TrainingError(_no_gradient_message(", ".join(leaves)))
-            loss_value += value / c.grad_accum
             scaled = loss / c.grad_accum
+            total = scaled.detach() if total is None else total + scaled.detach()
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clipping and the gradient check see true gradients
@@ -448,21 +501,76 @@ class Trainer:
             self.scaler.update()
         else:
             optimizer.step()
-        if not all(torch.isfinite(v).all() for v in params):
-            raise TrainingError(
-                f"the vectors became NaN/inf at step {step + 1}; the last good vectors are kept. "
-                "Lower the learning rate or enable gradient clipping"
-            )
-        return loss_value
+        assert total is not None  # grad_accum >= 1
+        return total
 
     def _make_optimizer(self, leaves: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
         c = self.config
-        optimizer = torch.optim.AdamW(list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay)
-        self.scaler = _grad_scaler() if self.precision == "fp16" else None
+        # On CUDA, fused AdamW is one kernel, and the fp16 grad scaler hands it the overflow flag on the device
+        # (the unfused path reads that flag on the host every step: a synchronisation).
+        fused = {"fused": True} if self.device.type == "cuda" and _adamw_has_fused() else {}
+        optimizer = torch.optim.AdamW(
+            list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay, **fused
+        )
+        self.scaler = _grad_scaler(self.device) if self.precision == "fp16" else None
         if self.resume_state is not None:
             restore_optimizer(optimizer, self.scaler, leaves, self.resume_state)
             self._status(f"resuming at step {self.start_step} from {self._resumed_from}")
         return optimizer
+
+    def _report(self, pending: list[_PendingStep], leaves: dict[str, torch.Tensor], log: Any) -> None:
+        """Hand the pending steps' losses to the host in one transfer, check them and the vectors, log them.
+
+        On success the vectors become the last good ones. A NaN/inf loss or vector raises ``TrainingError`` naming
+        the first bad step; the last good vectors are those of the previous report.
+        """
+        if not pending:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for v in leaves.values()]).all()
+        values = torch.cat([torch.stack([p.loss.float() for p in pending]), finite.float().reshape(1)]).tolist()
+        losses, vectors_finite = values[:-1], values[-1] == 1.0
+        first = pending[0].step
+        for entry, loss in zip(pending, losses):
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss} at step {entry.step}; the last good vectors (step {self._good_step}) "
+                    "are kept. Lower the learning rate, use fp32 or bf16, or check the images"
+                )
+        if not vectors_finite:
+            raise TrainingError(
+                f"the vectors became NaN/inf between steps {first} and {pending[-1].step}; the last good vectors "
+                f"(step {self._good_step}) are kept. Lower the learning rate or enable gradient clipping"
+            )
+        self._good_vectors = {k: v.detach().clone() for k, v in leaves.items()}
+        self._good_step = pending[-1].step
+        c = self.config
+        for entry, loss in zip(pending, losses):
+            # Exponential moving average with bias correction, so early values are not pulled to 0.
+            self._ema_weight = 0.98 * self._ema_weight + 0.02
+            smoothed = loss if entry.step == self.start_step + 1 else self._smoothed
+            self._smoothed = smoothed + (loss - smoothed) * 0.02 / self._ema_weight
+            self._last_loss = loss
+            log.writerow(
+                [entry.step, f"{loss:.6g}", f"{self._smoothed:.6g}", f"{entry.learning_rate:.6g}",
+                 f"{entry.elapsed_s:.3f}"]
+            )  # fmt: skip
+            if self.callbacks.on_progress:
+                done = entry.step - self.start_step
+                it_per_s = done / entry.elapsed_s if entry.elapsed_s > 0 else 0.0
+                self.callbacks.on_progress(
+                    Progress(
+                        step=entry.step,
+                        total_steps=c.max_steps,
+                        epoch=(entry.step * c.grad_accum) // self.batches_per_epoch,
+                        loss=loss,
+                        smoothed_loss=self._smoothed,
+                        learning_rate=entry.learning_rate,
+                        it_per_s=it_per_s,
+                        eta_s=(c.max_steps - entry.step) / it_per_s if it_per_s else float("inf"),
+                        elapsed_s=entry.elapsed_s,
+                    )
+                )
+        pending.clear()
 
     def run(self) -> TrainResult:
         c = self.config
@@ -470,15 +578,18 @@ class Trainer:
         (self.run_dir / "config.json").write_text(c.to_json(), encoding="utf-8")
         leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
         optimizer = self._make_optimizer(leaves)
-        # A device-side copy: no per-step transfer to the CPU (a sync on CUDA); files move it when they save.
-        last_good = {k: v.detach().clone() for k, v in leaves.items()}
+        # Device-side copies: no transfer to the CPU (a sync on CUDA) until a file is written.
+        self._good_vectors = {k: v.detach().clone() for k, v in leaves.items()}
+        self._good_step = self.start_step
+        self._ema_weight = 0.0
+        self._smoothed = self._last_loss = float("nan")
         step = self.start_step
-        loss_value = smoothed = float("nan")
-        ema_weight = 0.0
         stopped = False
         started = time.perf_counter()
         self._gradients_checked = self.start_step > 0
         extra: list[Path] = []
+        pending: list[_PendingStep] = []
+        tuner = ThreadTuner(self.device)
         log_file = open(self.run_dir / "loss.csv", "a" if c.resume else "w", newline="", encoding="utf-8")
         with log_file, self.host.training_session(c.gradient_checkpointing):
             log = csv.writer(log_file)
@@ -490,7 +601,7 @@ class Trainer:
                     self._status("moving the VAE to system RAM (every latent is cached)")
                     self.host.offload_image_encoder()
                 self._status("training")
-                loop_start = time.perf_counter()
+                loop_start = last_report = time.perf_counter()
                 while step < c.max_steps:
                     if self.callbacks.should_stop and self.callbacks.should_stop():
                         stopped = True
@@ -498,36 +609,25 @@ class Trainer:
                     lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    loss_value = self._optimizer_step(step, leaves, optimizer)
+                    loss = self._optimizer_step(step, leaves, optimizer)
                     step += 1
-                    last_good = {k: v.detach().clone() for k, v in leaves.items()}
-                    # Exponential moving average with bias correction, so early values are not pulled to 0.
-                    ema_weight = 0.98 * ema_weight + 0.02
-                    smoothed = loss_value if step == self.start_step + 1 else smoothed
-                    smoothed += (loss_value - smoothed) * 0.02 / ema_weight
-                    elapsed = time.perf_counter() - loop_start
-                    it_per_s = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-                    log.writerow([step, f"{loss_value:.6g}", f"{smoothed:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
-                    if self.callbacks.on_progress:
-                        self.callbacks.on_progress(
-                            Progress(
-                                step=step,
-                                total_steps=c.max_steps,
-                                epoch=(step * c.grad_accum) // self.batches_per_epoch,
-                                loss=loss_value,
-                                smoothed_loss=smoothed,
-                                learning_rate=lr,
-                                it_per_s=it_per_s,
-                                eta_s=(c.max_steps - step) / it_per_s if it_per_s else float("inf"),
-                                elapsed_s=elapsed,
-                            )
-                        )
+                    now = time.perf_counter()
+                    pending.append(_PendingStep(step, loss, lr, now - loop_start))
+                    tuner.after_step()
+                    saving = bool(c.save_every and step % c.save_every == 0 and step < c.max_steps)
+                    if saving or step == c.max_steps or now - last_report >= REPORT_INTERVAL_S:
+                        self._report(pending, leaves, log)
+                        last_report = now
                     if self.callbacks.on_step:
                         self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
-                    if c.save_every and step % c.save_every == 0 and step < c.max_steps:
-                        self._save_intermediate(step, last_good, optimizer)
+                    if saving:
+                        self._save_intermediate(step, self._good_vectors, optimizer)
+                self._report(pending, leaves, log)  # a stop leaves steps to report
             except BaseException as error:
-                raise self._failed(error, step, last_good) from error
+                raise self._failed(error, step) from error
+            finally:
+                tuner.restore()
+        last_good = self._good_vectors
         if stopped or step < c.max_steps:
             # A stopped run can be resumed: keep its full state beside the embedding.
             extra.append(self._save_intermediate(step, last_good, optimizer, keep_all=True))
@@ -541,19 +641,21 @@ class Trainer:
             run_dir=self.run_dir,
             steps=step,
             embedding_step=self.base_step + step,
-            final_loss=loss_value,
-            smoothed_loss=smoothed,
+            final_loss=self._last_loss,
+            smoothed_loss=self._smoothed,
             elapsed_s=time.perf_counter() - started,
             stopped=stopped,
             extra_paths=extra,
+            resolution=self.resolution,
+            cpu_threads=tuner.setup,
         )
 
-    def _failed(self, error: BaseException, step: int, last_good: dict[str, torch.Tensor]) -> BaseException:
-        """Keep the last good vectors on disk and say where they are."""
-        saved = self._save_last_good(step, last_good)
+    def _failed(self, error: BaseException, step: int) -> BaseException:
+        """Keep the last good vectors on disk and say where they are (``step``: the steps done when it failed)."""
+        saved = self._save_last_good(self._good_step, self._good_vectors)
         if isinstance(error, KeyboardInterrupt):
             return error
-        where = f"\nLast good embedding (step {step}): {saved}"
+        where = f"\nLast good embedding (step {self._good_step}): {saved}"
         if isinstance(error, TrainingError):
             return TrainingError(f"{error}{where}")
         if _is_out_of_memory(error):
@@ -603,11 +705,15 @@ class Trainer:
         return state_path
 
 
-def _grad_scaler() -> torch.cuda.amp.GradScaler:
-    # torch >= 2.3 has the device-generic class; 2.1 (the WebUI's pin) only the CUDA one.
+def _grad_scaler(device: torch.device) -> torch.cuda.amp.GradScaler:
+    # torch >= 2.3 has the device-generic class (CUDA and CPU); 2.1 (the WebUI's pin) only the CUDA one.
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
+        return torch.amp.GradScaler(device.type)
     return torch.cuda.amp.GradScaler()
+
+
+def _adamw_has_fused() -> bool:
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters
 
 
 def _no_gradient_message(key: str) -> str:
@@ -623,8 +729,5 @@ def train(config: TrainConfig, host: Host, callbacks: Callbacks | None = None) -
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's ``OutOfMemoryError`` (torch >= 1.13) or the plain RuntimeError other backends raise."""
-    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(error, oom_type):
-        return True
+    """CUDA's ``OutOfMemoryError`` (a RuntimeError) or the plain RuntimeError other backends raise."""
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

@@ -158,3 +158,58 @@ def test_models_it_cannot_train_are_refused_by_name():
     model.is_sd1 = False
     with pytest.raises(HostError, match="not an SD1.x, SD2.x or SDXL"):
         host_for(model)
+
+
+def test_the_default_resolution_is_the_checkpoints_own():
+    """ldm configs give the latent size (64 for SD1, 96 for SD2-768, 8 for a 64 px toy model); the ldm VAE encoder's
+    levels give the factor; SDXL has no such field and is a 1024 px model."""
+    model = Model("sd1")
+    assert host_for(model).default_resolution == 512  # no image_size: the family's usual
+    model.first_stage_model.encoder.num_resolutions = 4  # 8x downsampling
+    for latent, pixels in ((8, 64), (64, 512), (96, 768)):
+        model.image_size = latent
+        assert host_for(model).default_resolution == pixels
+    assert host_for(Model("sdxl")).default_resolution == 1024
+
+
+class Optimizer:
+    """Shaped like the host's ``SdOptimization``: a name, a title, availability."""
+
+    def __init__(self, name: str, label: str | None = None):
+        self.name, self.label = name, label
+
+    def title(self) -> str:
+        return self.name if self.label is None else f"{self.name} - {self.label}"
+
+    def is_available(self) -> bool:
+        return True
+
+
+class Attention:
+    """Shaped like ``modules.sd_hijack``: the implementations, the current one, and the function that switches."""
+
+    def __init__(self, current: str | None):
+        self.optimizers = [Optimizer("sdp-no-mem", "no mem"), Optimizer("sdp", "scaled dot product"),
+                           Optimizer("InvokeAI"), Optimizer("xformers")]  # fmt: skip
+        self.current_optimizer = next((o for o in self.optimizers if o.name == current), None)
+        self.applied: list[str] = []
+
+    def apply_optimizations(self, option: str) -> str:
+        self.applied.append(option)
+        self.current_optimizer = next(o for o in self.optimizers if o.title() == option)
+        return self.current_optimizer.name
+
+
+def test_a_run_trains_with_sdp_attention_instead_of_a_chunked_one_and_gives_it_back():
+    attention = Attention("InvokeAI")  # the host's automatic pick on the CPU
+    host = A1111Host(Model("sd1"), embedding_db=None, embedding_class=None, attention=attention)
+    with pytest.raises(RuntimeError, match="the core failed"):
+        with host.training_session():
+            assert attention.current_optimizer.name == "sdp"
+            raise RuntimeError("the core failed")
+    assert attention.applied == ["sdp - scaled dot product", "InvokeAI"]
+    for kept in ("xformers", "sdp-no-mem", None):  # fast backward already, or the user's "None"
+        attention = Attention(kept)
+        with A1111Host(Model("sd1"), None, None, attention=attention).training_session():
+            pass
+        assert attention.applied == []

@@ -178,7 +178,10 @@ def test_progress_bar_line() -> None:
 
 
 def stop_at_step(monkeypatch: pytest.MonkeyPatch, stop_step: int) -> None:
-    """Press Ctrl-C (a real SIGINT to this process) once the run reports ``stop_step``."""
+    """Press Ctrl-C (a real SIGINT to this process) once the run reports ``stop_step`` (it reports every step)."""
+    from embedding_trainer import trainer
+
+    monkeypatch.setattr(trainer, "REPORT_INTERVAL_S", 0.0)
 
     def bar() -> Any:
         def on_progress(p: Any) -> None:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_images, run_fields
 
+from embedding_trainer import trainer as trainer_module
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, load_embedding, save_embedding
 from embedding_trainer.errors import ConfigError, DatasetError, EmbeddingFileError, TrainingError
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.run_state import find_state
 from embedding_trainer.standalone.tiny_models import build_tiny_components
-from embedding_trainer.trainer import Callbacks, Trainer
+from embedding_trainer.trainer import Callbacks, Trainer, fp16_supported_on
 
 pytestmark = pytest.mark.compat
 DEFAULT_VECTORS = TrainConfig().num_vectors
@@ -81,8 +85,8 @@ def test_callbacks_fire_on_the_right_steps(tmp_path, host):
 
 
 def test_stop_saves_what_it_has(tmp_path, host):
-    progress = []
-    callbacks = Callbacks(on_progress=progress.append, should_stop=lambda: len(progress) >= 2)
+    steps = []
+    callbacks = Callbacks(on_step=lambda step, vectors: steps.append(step), should_stop=lambda: len(steps) >= 2)
     result = Trainer(config(tmp_path, max_steps=10), host, callbacks).run()
     assert result.stopped and result.steps == 2
     assert load_embedding(result.embedding_path).step == 2
@@ -92,11 +96,11 @@ def test_stop_saves_what_it_has(tmp_path, host):
 @pytest.mark.parametrize("options", [{}, {"grad_accum": 2, "flip": True, "lr_scheduler": "cosine"}])
 def test_resume_equals_an_uninterrupted_run(tmp_path, host, options):
     full = Trainer(config(tmp_path / "a", max_steps=6, **options), host).run()
-    progress = []
+    steps = []
     stopped = Trainer(
         config(tmp_path / "b", max_steps=6, **options),
         host,
-        Callbacks(on_progress=progress.append, should_stop=lambda: len(progress) >= 3),
+        Callbacks(on_step=lambda step, vectors: steps.append(step), should_stop=lambda: len(steps) >= 3),
     ).run()
     assert stopped.stopped and stopped.steps == 3
     resumed_config = config(tmp_path / "b", max_steps=6, resume=str(tmp_path / "b" / "run"), overwrite=True, **options)
@@ -108,17 +112,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, host, options):
 
 
 def test_resume_refuses_a_changed_setting(tmp_path, host):
-    progress = []
+    steps = []
     Trainer(
         config(tmp_path, max_steps=6),
         host,
-        Callbacks(on_progress=progress.append, should_stop=lambda: len(progress) >= 2),
+        Callbacks(on_step=lambda step, vectors: steps.append(step), should_stop=lambda: len(steps) >= 2),
     ).run()
     with pytest.raises(ConfigError, match="batch_size: 1 differs from the run being resumed"):
         Trainer(config(tmp_path, max_steps=6, batch_size=1, resume=str(tmp_path / "run"), overwrite=True), host)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, host, monkeypatch):
+    monkeypatch.setattr(trainer_module, "REPORT_INTERVAL_S", 0.0)  # a report (and so a check) after every step
     calls = {"n": 0}
     original = DiffusersHost.predict
 
@@ -128,7 +133,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, host, monkey
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(DiffusersHost, "predict", predict)
-    with pytest.raises(TrainingError, match="loss became nan at step 3") as error:
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3; the last good vectors \(step 2\)") as error:
         Trainer(config(tmp_path, max_steps=5), host).run()
     last_good = tmp_path / "run" / "my-cat-last-good.safetensors"
     assert str(last_good) in str(error.value)
@@ -138,6 +143,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, host, monkey
 
 
 def test_running_out_of_memory_names_the_settings_that_fix_it(tmp_path, host, monkeypatch):
+    monkeypatch.setattr(trainer_module, "REPORT_INTERVAL_S", 0.0)
     calls = {"n": 0}
     original = DiffusersHost.predict
     # CUDA's error type where torch has it (a CPU build too), else the RuntimeError other backends raise.
@@ -237,8 +243,19 @@ def test_gradient_checkpointing_gives_identical_vectors(tmp_path, host):
     assert torch.equal(load_embedding(a.embedding_path).vectors["vec"], load_embedding(b.embedding_path).vectors["vec"])
 
 
-def test_fp16_on_cpu_is_refused_with_a_reason(tmp_path, host):
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+@pytest.mark.skipif(not fp16_supported_on("cpu"), reason="this torch has no fp16 autocast or grad scaler on the CPU")
+def test_fp16_with_its_grad_scaler_trains_on_the_cpu(tmp_path, host):
+    trainer = Trainer(config(tmp_path, precision="fp16", max_steps=4, learning_rate="0.05"), host)
+    init = trainer.vectors["clip_l"].clone()
+    result = trainer.run()
+    assert trainer.precision == "fp16" and trainer.scaler is not None and trainer.scaler.get_scale() > 0
+    assert math.isfinite(result.final_loss) and not torch.equal(init, trainer.vectors["clip_l"])
+    assert load_embedding(result.embedding_path).vectors["vec"].dtype == torch.float32  # the vectors stay fp32
+
+
+def test_fp16_where_torch_cannot_is_refused_with_a_reason(tmp_path, host, monkeypatch):
+    monkeypatch.setattr(trainer_module, "fp16_supported_on", lambda device_type: False)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU, or torch 2.3 or newer"):
         Trainer(config(tmp_path, precision="fp16"), host)
 
 
@@ -284,3 +301,37 @@ def test_the_vae_moves_to_ram_once_latents_are_cached_and_never_encodes_again(tm
     assert events[-1] == "offload" and events.count("offload") == 1 and "encode" in events
     with pytest.raises(ConfigError, match="vae_to_cpu: random crop encodes images at every step"):
         config(tmp_path, vae_to_cpu=True, crop="random")
+
+
+def test_steps_neither_wait_for_the_device_nor_walk_the_model(tmp_path, host, monkeypatch):
+    """On a GPU, handing a value to the host (``.item()``, ``float()``, ``bool()``, ``.tolist()``, ``.cpu()``) waits
+    for every queued kernel, and walking the model's modules costs CPU time each step. Between reports the loop must
+    do neither: a run of 16 steps makes exactly the calls a run of 4 steps makes."""
+    monkeypatch.setattr(trainer_module, "REPORT_INTERVAL_S", float("inf"))  # reports only at the end
+    calls: Counter[str] = Counter()
+
+    def counted(owner: type, name: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            # torch's unfused AdamW reads its step counter, a CPU tensor, with .item(): no device involved (and
+            # CUDA runs use the fused AdamW, which does not).
+            if not sys._getframe(1).f_code.co_filename.endswith(os.path.join("optim", "optimizer.py")):
+                calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    def count_calls(steps: int) -> Counter[str]:
+        calls.clear()
+        Trainer(config(tmp_path / str(steps), max_steps=steps, batch_size=4), host).run()
+        return Counter(calls)
+
+    count_calls(2)  # warm-up: lazy initialisation inside torch and diffusers
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        counted(torch.Tensor, name)
+    for name in ("parameters", "named_parameters", "modules", "named_modules", "children", "buffers"):
+        counted(torch.nn.Module, name)
+    short, long = count_calls(4), count_calls(16)
+    assert short == long, f"calls that grew with the steps: {dict(long - short)}"
+    assert short["tolist"] >= 1  # the one report at the end (so the counting does see the loop's transfers)

@@ -7,6 +7,7 @@ what the WebUI's ``shared.state`` would receive.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from embedding_trainer import trainer as trainer_module  # noqa: E402
 from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.embedding_file import load_embedding  # noqa: E402
 from embedding_trainer.errors import ConfigError, HostError  # noqa: E402
@@ -49,8 +51,18 @@ def host() -> DiffusersHost:
     return DiffusersHost.from_components(build_tiny_components("sd1", seed=0))
 
 
+#: A test-only route that answers with the id of the server worker thread that served it.
+WORKER_ROUTE = "/test/worker-thread"
+
+
 def body(tmp_path: Path, **changes: Any) -> dict[str, Any]:
     return run_fields(tmp_path, **{"max_steps": 3, **changes})
+
+
+@pytest.fixture(autouse=True)
+def report_every_step(monkeypatch):
+    """The bridges below act on exact steps (stop at step 3), so the loop reports after every step."""
+    monkeypatch.setattr(trainer_module, "REPORT_INTERVAL_S", 0.0)
 
 
 class RecordingBridge:
@@ -61,9 +73,11 @@ class RecordingBridge:
         self.interrupt_at = interrupt_at
         self.last_step = 0
         self.threads: set[str] = set()
+        self.thread_ids: set[int] = set()
 
     def begin(self, job_id: str, total_steps: int) -> None:
         self.threads.add(threading.current_thread().name)
+        self.thread_ids.add(threading.get_ident())
         self.events.append(("begin", job_id, total_steps))
 
     def update(self, progress: Progress, text: str) -> None:
@@ -128,6 +142,7 @@ class BrokenPredictHost:
 def api(host):
     """``api(**manager_options) -> (client, manager)``; every manager is closed after the test."""
     managers: list[RunManager] = []
+    clients: list[TestClient] = []
 
     def build(
         make_host=None, run_exclusively=None, bridge=None, on_finished=None, preview=None, auth=None
@@ -142,11 +157,18 @@ def api(host):
         managers.append(manager)
         app = FastAPI()
         register_routes(app, manager, auth)
-        return TestClient(app), manager
+        app.add_api_route(WORKER_ROUTE, lambda: threading.get_ident(), methods=["GET"])  # which worker serves
+        # One event loop for the client's life, as in a real server: runs started through the API go on its
+        # worker threads and must outlive the request that started them.
+        client = TestClient(app).__enter__()
+        clients.append(client)
+        return client, manager
 
     yield build
     for manager in managers:
         manager.close(timeout=WAIT_S)
+    for client in clients:
+        client.__exit__(None, None, None)
 
 
 def wait_done(client: TestClient, job_id: str, **request: Any) -> dict[str, Any]:
@@ -175,7 +197,8 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     bridge = RecordingBridge()
     finished: list[tuple[RunRecord, Any]] = []
     client, manager = api(bridge=bridge, on_finished=lambda record, outcome: finished.append((record, outcome)))
-    response = client.post(f"{V1}/runs", json=body(tmp_path, max_steps=3))
+    worker = client.get(WORKER_ROUTE).json()
+    response = client.post(f"{V1}/runs", json=body(tmp_path, max_steps=3, resolution=0))
     assert response.status_code == 200, response.text
     job_id = response.json()["id"]
     assert job_id.startswith("embtrain-") and len(job_id) == len("embtrain-") + 12
@@ -193,6 +216,10 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert status["learning_rate"] == pytest.approx(0.01)
     assert status["it_per_s"] > 0 and status["eta_s"] == 0
     assert status["config"]["max_steps"] == 3 and status["config"]["name"] == "my-cat"
+    # Resolution 0 means the checkpoint's own; the status, the config and the run's config.json say which.
+    assert status["resolution"] == status["config"]["resolution"] == host.default_resolution
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolution"] == host.default_resolution
+    assert status["cpu_threads"].startswith("1 CPU thread")  # the tests run torch on one thread
     assert status["started_at"] <= status["finished_at"] and status["elapsed_s"] >= 0
     result = status["result"]
     assert result["embedding_path"] == str(tmp_path / "out" / "my-cat.safetensors")
@@ -210,7 +237,9 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     texts = [e[3] for e in bridge.events if e[0] == "update"]
     assert any(t.startswith("encoding latents") for t in texts)
     assert texts[-1].startswith("step 3/3, loss ")
-    assert bridge.threads == {f"embtrain-run-{job_id}"}  # the background thread, not the request's
+    # The server's worker that served the last request, where the host's own torch work runs too: its CPU
+    # thread team is reused, not joined by a competing one.
+    assert bridge.thread_ids == {worker}
 
     assert [(r.id, outcome.steps, str(outcome.embedding_path)) for r, outcome in finished] == [
         (job_id, 3, status["result"]["embedding_path"])

@@ -32,6 +32,7 @@ def test_defaults_per_family():
     assert tab.family_defaults("sd2", "v").resolution == 768
     assert tab.family_defaults("sdxl") == tab.FamilyDefaults(1024, "0.002")
     assert tab.family_defaults(None).resolution == 512  # no model loaded yet
+    assert tab.family_defaults("sd1", "eps", 64) == tab.FamilyDefaults(64, "0.01")  # the checkpoint's own size
 
 
 def test_dataset_check_lists_problems(tmp_path):
@@ -53,6 +54,6 @@ def test_name_warnings_and_result_summary():
     assert tab.name_warnings("fine-name", [], 4) == []
     status = {"state": "finished", "result": {"steps": 5, "embedding_step": 5, "elapsed_s": 3.0, "final_loss": 0.5,
               "smoothed_loss": 0.6, "embedding_path": "/e/x.safetensors"}, "warnings": []}  # fmt: skip
-    html = tab.result_html(status)
-    assert "/e/x.safetensors" in html and "0.5" in html
+    html = tab.result_html({**status, "resolution": 64})
+    assert "/e/x.safetensors" in html and "0.5" in html and "64 px" in html
     assert "embtrain-error" in tab.result_html({"error": "Boom: bad"})

@@ -1,5 +1,5 @@
-"""Starts a real WebUI for the opt-in tiers: a private data folder with this repository as its only extension
-and a tiny exported SD1, SD2 or SDXL checkpoint, on a free loopback port. Not a test module.
+"""Starts a real WebUI for the opt-in tiers and the WebUI benchmark: a private data folder with this repository as
+its only extension and a tiny exported SD1, SD2 or SDXL checkpoint, on a free loopback port. Not a test module.
 
 SD2 and SDXL have OpenCLIP text encoders whose tiny architecture open_clip does not know: the exporter writes its
 open_clip model config beside the checkpoint, and a test-only extension written into the data folder registers it
@@ -17,10 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-
-import pytest
 
 WEBUI = os.environ.get("EMBTRAIN_WEBUI_DIR")
 PYTHON = os.environ.get("EMBTRAIN_WEBUI_PYTHON")
@@ -49,10 +47,21 @@ def checkpoint_name(family: str) -> str:
     return "embtrain-tiny" if family == "sd1" else f"embtrain-tiny-{family}"
 
 
-def prepare_data_folder(data: Path, models: Path, family: str = "sd1", model: Path | None = None) -> Path:
+class WebUIStartError(RuntimeError):
+    """The WebUI exited or did not answer in time; the message ends with its log."""
+
+
+def prepare_data_folder(
+    data: Path,
+    models: Path,
+    family: str = "sd1",
+    model: Path | None = None,
+    extra_scripts: Mapping[str, str] | None = None,
+) -> Path:
     """The WebUI's private data folder: this repository as an extension, the tiny checkpoint of ``family`` (or
-    ``model``, a diffusers SD1 folder, exported) and for SD2/SDXL the extension that registers the tiny OpenCLIP
-    architecture. Returns the checkpoint."""
+    ``model``, a diffusers SD1 folder, exported), for SD2/SDXL the extension that registers the tiny OpenCLIP
+    architecture, and ``extra_scripts`` (file name -> source) as one more tooling extension. Returns the
+    checkpoint."""
     from embedding_trainer.standalone.export_a1111 import export_a1111
     from embedding_trainer.standalone.tiny_models import save_tiny_model
 
@@ -68,6 +77,11 @@ def prepare_data_folder(data: Path, models: Path, family: str = "sd1", model: Pa
             _REGISTER_SCRIPT.format(path=str(result.open_clip_config.resolve()), message=REGISTERED),
             encoding="utf-8",
         )
+    if extra_scripts:
+        scripts = data / "extensions" / "embtrain-tooling" / "scripts"
+        scripts.mkdir(parents=True)
+        for file_name, source in extra_scripts.items():
+            (scripts / file_name).write_text(source, encoding="utf-8")
     # Offline: the default live-preview method would download a model at the first preview.
     (data / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}), encoding="utf-8")
     return result.checkpoint
@@ -81,9 +95,11 @@ def running_webui(
     family: str = "sd1",
     extra_args: Sequence[str] = (),
     model: Path | None = None,
+    extra_scripts: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
-    """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers."""
-    checkpoint = prepare_data_folder(data, models, family, model)
+    """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers; raises
+    ``WebUIStartError`` if it does not."""
+    checkpoint = prepare_data_folder(data, models, family, model, extra_scripts)
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")  # fmt: skip
@@ -108,7 +124,8 @@ def running_webui(
                             if response.status == 200:
                                 break
                 if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the WebUI did not start:\n" + (data / "webui.log").read_text(errors="replace")[-4000:])
+                    log_tail = (data / "webui.log").read_text(errors="replace")[-4000:]
+                    raise WebUIStartError("the WebUI did not start:\n" + log_tail)
                 time.sleep(1)
             yield base
         finally:

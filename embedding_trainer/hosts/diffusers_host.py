@@ -96,6 +96,7 @@ class DiffusersHost:
         )
         self.default_resolution = int(getattr(unet.config, "sample_size", 64)) * self._vae_factor()
         self._tokenize = lru_cache(maxsize=4096)(self._tokenize_uncached)
+        self._session_dtype: torch.dtype | None = None
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -153,7 +154,10 @@ class DiffusersHost:
 
     @property
     def _unet_dtype(self) -> torch.dtype:
-        # diffusers' ``unet.dtype`` walks every submodule (about 1 ms per step for SD1.5); one parameter suffices.
+        # Fixed for a training session, so its steps never walk the model; diffusers' ``unet.dtype`` walks every
+        # submodule (about 1 ms per step for SD1.5).
+        if self._session_dtype is not None:
+            return self._session_dtype
         return next(self.unet.parameters()).dtype
 
     # -- Host interface ----------------------------------------------------------------------------------
@@ -275,9 +279,11 @@ class DiffusersHost:
         try:
             for m in models:
                 m.eval()  # dropout off: the frozen model must behave as at inference
+            self._session_dtype = next(self.unet.parameters()).dtype
             with frozen(*models), checkpointed(blocks):
                 yield
         finally:
+            self._session_dtype = None
             for m, mode in zip(models, modes):
                 m.train(mode)
             self.vae.to(vae_device)  # back from offload_image_encoder

@@ -211,11 +211,14 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
     finally:
         signal.signal(signal.SIGINT, previous)
     verb = "stopped" if result.stopped else "finished"
+    threads = f", {result.cpu_threads.describe()}" if result.cpu_threads and device.type == "cpu" else ""
     logger.info(
-        "%s after %d steps in %s, loss %.4f (avg %.4f)\nembedding: %s%s",
+        "%s after %d steps in %s at %d px%s, loss %.4f (avg %.4f)\nembedding: %s%s",
         verb,
         result.steps,
         _duration(result.elapsed_s),
+        result.resolution,
+        threads,
         result.final_loss,
         result.smoothed_loss,
         result.embedding_path,

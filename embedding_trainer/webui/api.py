@@ -8,6 +8,7 @@ file), so the WebUI's API exception handlers never reshape them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mimetypes
 import secrets
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, EmbeddingFileError
 from .jobs import PreviewOptions, RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
@@ -60,6 +62,15 @@ def register_routes(
         )
         added.append((method, prefix + path))
 
+    background: set[asyncio.Task[Any]] = set()  # strong references: the event loop keeps only weak ones
+
+    def on_server_workers(work: Callable[[], None]) -> None:
+        """Run ``work`` on the server's worker threads, where the host's own jobs (txt2img, its trainer) run: the
+        thread reuses the CPU thread team torch already made there instead of adding one that competes with it."""
+        task = asyncio.get_running_loop().create_task(run_in_threadpool(work))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     def base(request: Request) -> str:
         return f"{request.scope.get('root_path', '')}{prefix}"
 
@@ -79,7 +90,7 @@ def register_routes(
             return _invalid("body", f"expected a JSON object of config fields, got {type(body).__name__}")
         try:
             preview = PreviewOptions.pop_from(body)
-            job_id = manager.start(body, preview=preview)
+            job_id = manager.start(body, preview=preview, launch=on_server_workers)
         except ConfigError as error:
             return _invalid(error.field, _message(error))
         except RunActiveError as error:

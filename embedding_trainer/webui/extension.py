@@ -61,7 +61,7 @@ class WebUIGlue:
     def make_host(self, config: Any) -> A1111Host:
         symbols = self.symbols
         db = symbols.model_hijack.embedding_db
-        self.host = A1111Host(symbols.shared.sd_model, db, symbols.embedding_class, symbols.lowvram)
+        self.host = A1111Host(symbols.shared.sd_model, db, symbols.embedding_class, symbols.lowvram, symbols.attention)
         return self.host
 
     def vae_on_device(self) -> contextlib.AbstractContextManager[Any]:

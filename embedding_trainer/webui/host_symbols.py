@@ -40,6 +40,7 @@ class WebUISymbols:
     paths: Any  # modules.paths (data_path, models_path)
     progress: Any  # modules.progress (task ids behind /internal/progress)
     lowvram: Any  # modules.lowvram (--medvram/--lowvram module swapping)
+    attention: Any  # modules.sd_hijack (cross-attention implementations: optimizers, apply_optimizations)
 
 
 def load() -> WebUISymbols:
@@ -55,4 +56,5 @@ def load() -> WebUISymbols:
         paths=_symbol("modules.paths"),
         progress=_symbol("modules.progress"),
         lowvram=_symbol("modules.lowvram"),
+        attention=_symbol("modules.sd_hijack"),
     )

@@ -104,6 +104,19 @@ class StateBridge(Protocol):
     def interrupted(self) -> bool: ...
 
 
+#: ``launch(work)`` calls ``work()`` (a whole run) on some worker thread and returns at once.
+Launcher = Callable[[Callable[[], None]], None]
+
+
+def new_thread_launcher(name: str) -> Launcher:
+    """A launcher that gives each run a new daemon thread (when the caller has no worker threads of its own)."""
+
+    def launch(work: Callable[[], None]) -> None:
+        threading.Thread(target=work, name=name, daemon=True).start()
+
+    return launch
+
+
 #: ``preview(record, step)`` renders the run's preview images with its vectors as they are now and returns the
 #: files it wrote.
 PreviewFn = Callable[["RunRecord", int], list[Path]]
@@ -158,6 +171,9 @@ class RunRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    resolution: int | None = None  # pixels, as the run resolved it (the checkpoint's own when the config said 0)
+    cpu_threads: str | None = None  # the CPU thread setup of the run's loop, and why (None: not decided yet)
+    ended: threading.Event = field(default_factory=threading.Event, repr=False)  # set once the run is over
 
     @property
     def active(self) -> bool:
@@ -190,6 +206,8 @@ class RunRecord:
             "preview_at_steps": [step for step, _ in self.previews],
             **self.preview.to_dict(),
             "warnings": list(self.warnings),
+            "resolution": self.resolution,
+            "cpu_threads": self.cpu_threads,
             "stop_requested": self.stop_requested,
             "created_at": self.created_at,
             "started_at": self.started_at,
@@ -234,23 +252,29 @@ class RunManager:
         self._history_limit = max(1, history_limit)
         self._lock = threading.RLock()
         self._records: OrderedDict[str, RunRecord] = OrderedDict()
-        self._threads: dict[str, threading.Thread] = {}
         self._active: str | None = None
         self._finished_hooks: set[str] = set()  # runs whose on_finished was called
 
     # -- starting ------------------------------------------------------------------------------------------
-    def start(self, config: TrainConfig | dict[str, Any], *, preview: PreviewOptions | None = None) -> str:
-        """Validate ``config`` and run it in a background thread under ``run_exclusively``; returns the run id.
+    def start(
+        self,
+        config: TrainConfig | dict[str, Any],
+        *,
+        preview: PreviewOptions | None = None,
+        launch: Launcher | None = None,
+    ) -> str:
+        """Validate ``config`` and run it in the background under ``run_exclusively``; returns the run id.
 
+        ``launch`` picks the worker thread (default: a new one). A server should pass its own request workers:
+        those are the threads that already ran the host's torch work, so the run reuses their CPU thread team
+        rather than adding one that competes with it (see ``embedding_trainer.cpu_threads``).
         Raises ``ConfigError`` (naming the field) for an invalid config and ``RunActiveError`` while another run
         is active. Everything that goes wrong after this returns is reported on the run's record.
         """
         record = self._create(config, preview)
-        thread = threading.Thread(target=self._run, args=(record, True), name=f"embtrain-run-{record.id}", daemon=True)
-        with self._lock:
-            self._threads[record.id] = thread
+        launch = launch or new_thread_launcher(f"embtrain-run-{record.id}")
         try:
-            thread.start()
+            launch(lambda: self._run(record, True))
         except BaseException as error:  # e.g. "can't start new thread"
             self._fail(record, error)
             self._finalize(record)
@@ -313,14 +337,10 @@ class RunManager:
             return [record.to_dict(history=False) for record in reversed(self._records.values())]
 
     def join(self, job_id: str, timeout: float | None = None) -> bool:
-        """Wait for a background run's thread; True when it has ended (or ran synchronously)."""
+        """Wait until a run is over (its record final, its hooks called); True when it is."""
         with self._lock:
-            thread = self._threads.get(job_id)
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        with self._lock:
-            return not self._get(job_id).active
+            record = self._get(job_id)
+        return record.ended.wait(timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop the active run and wait for it (for the host's reload/unload callbacks)."""
@@ -403,7 +423,11 @@ class RunManager:
             host = self._make_host(record.config)
             with self._lock:
                 record.model = describe_model(host)
-            outcome = Trainer(record.config, host, self._callbacks(record)).run()
+            trainer = Trainer(record.config, host, self._callbacks(record))
+            with self._lock:
+                record.config = trainer.config  # with what the run resolved (the checkpoint's resolution)
+                record.resolution = trainer.resolution
+            outcome = trainer.run()
         except Exception as error:
             outcome = error
         # Still inside the exclusive section (the queue lock, for the WebUI): the hook publishes the result without
@@ -491,6 +515,7 @@ class RunManager:
                 "extra_paths": [str(p) for p in result.extra_paths],
             }
             record.step = result.steps
+            record.cpu_threads = result.cpu_threads.describe() if result.cpu_threads else None
             record.state = "stopped" if result.stopped else "finished"
             verb = "stopped at" if result.stopped else "finished after"
             record.status_text = f"{verb} step {result.steps}; saved {result.embedding_path}"
@@ -530,10 +555,10 @@ class RunManager:
                 record.finished_at = time.time()
             if self._active == record.id:
                 self._active = None
-            self._threads.pop(record.id, None)
         self._after(record, None)  # a run that never executed (stopped while queued, lock failure)
         with self._lock:
             self._finished_hooks.discard(record.id)
+        record.ended.set()
 
     def _after(self, record: RunRecord, outcome: TrainResult | Exception | None) -> None:
         """Call ``on_finished`` once per run."""

@@ -128,19 +128,22 @@ class FamilyDefaults:
     learning_rate: str
 
 
-def family_defaults(family: str | None, prediction_type: str | None = None) -> FamilyDefaults:
-    """The model's native resolution (512 for SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL) and a learning rate.
+def family_defaults(
+    family: str | None, prediction_type: str | None = None, native_resolution: int | None = None
+) -> FamilyDefaults:
+    """The checkpoint's own resolution (``native_resolution``, from its config; else the family's usual: 512 for
+    SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL) and a learning rate.
 
     SD1/SD2 take ``TrainConfig``'s rate (0.01 at batch 4, chosen by the learning benchmark). SDXL gets 0.002, the
     effective rate of diffusers' SDXL textual-inversion example (5e-4 scaled by its 4 accumulated images): SDXL's
     two encoders move together, and the other rate suits one CLIP-L.
     """
     if family == "sdxl":
-        return FamilyDefaults(1024, "0.002")
+        return FamilyDefaults(native_resolution or 1024, "0.002")
     rate = TrainConfig().learning_rate
     if family == "sd2" and prediction_type in ("v", "v_prediction"):
-        return FamilyDefaults(768, rate)
-    return FamilyDefaults(512, rate)
+        return FamilyDefaults(native_resolution or 768, rate)
+    return FamilyDefaults(native_resolution or 512, rate)
 
 
 def run_options_body(values: Any) -> dict[str, Any]:
@@ -274,6 +277,7 @@ def result_html(status: dict[str, Any] | None, error: str | None = None) -> str:
         rows = [
             ("State", status.get("state", "")),
             ("Steps", f"{result.get('steps')} (embedding step {result.get('embedding_step')})"),
+            ("Resolution", f"{status.get('resolution')} px"),
             ("Time", format_duration(float(result.get("elapsed_s") or 0.0))),
             ("Final loss", f"{_loss(result.get('final_loss'))} (smoothed {_loss(result.get('smoothed_loss'))})"),
             ("File", result.get("embedding_path", "")),
@@ -298,14 +302,15 @@ def _loaded_model(glue: Any) -> Any:
 
 
 def model_defaults(glue: Any) -> FamilyDefaults:
-    from ..hosts.a1111 import model_family
+    from ..hosts.a1111 import model_family, native_resolution
 
     model = _loaded_model(glue)
     try:
         family = model_family(model) if model is not None else None
     except EmbeddingTrainerError:
         family = None
-    return family_defaults(family, getattr(model, "parameterization", "eps"))
+    native = native_resolution(model, family) if family is not None else None
+    return family_defaults(family, getattr(model, "parameterization", "eps"), native)
 
 
 def known_token_count(glue: Any, text: str) -> int | None:
