@@ -47,8 +47,6 @@ from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.trainer import COMPUTE_DTYPES, Callbacks, Trainer, resolve_device, resolve_precision  # noqa: E402
 
-DEFAULT_RESOLUTION = {"tiny": 64, "tiny-xl": 64, "sd15": 512, "sdxl": 1024}
-
 
 # -- memory ------------------------------------------------------------------------------------------------
 class PeakMemory:
@@ -173,20 +171,22 @@ class BareStep:
         if precision != "fp32":  # the trainer's autocast, around the same weights
             self.autocast = torch.autocast(device.type, dtype=COMPUTE_DTYPES[precision])
 
-    def step(self) -> None:
+    def step(self, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         hidden = self.hidden.detach().requires_grad_(True)
+        latents = self.latents.contiguous(memory_format=memory_format)
         with self.autocast:
-            out = self.unet(self.latents, self.timesteps, encoder_hidden_states=hidden, added_cond_kwargs=self.added)
+            out = self.unet(latents, self.timesteps, encoder_hidden_states=hidden, added_cond_kwargs=self.added)
         loss = torch.nn.functional.mse_loss(out.sample.float(), self.target)
         loss.backward()
         synchronize(self.device)
 
     def measure(self, host: DiffusersHost, checkpointing: bool, warmup: int, steps: int) -> list[float]:
         times = []
-        with host.training_session(checkpointing):  # frozen, eval mode, and the same block checkpointing as ours
+        # Frozen, eval mode, the same checkpointing and (on the CPU) the same channels-last layout as ours.
+        with host.training_session(checkpointing):
             for _ in range(warmup + steps):
                 start = time.perf_counter()
-                self.step()
+                self.step(host.input_memory_format)
                 times.append(time.perf_counter() - start)
         return times[warmup:]
 
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype = COMPUTE_DTYPES[precision]
                 for model in (host.unet, *host.text_encoders):
                     model.to(dtype)  # as DiffusersHost.from_pretrained loads them; the VAE stays fp32
-                for resolution in args.resolution or [DEFAULT_RESOLUTION[arch]]:
+                for resolution in args.resolution or [archs.RESOLUTION[arch]]:
                     images = work / f"images-{resolution}"
                     if not images.exists():
                         write_images(images, max(4, *args.batch), resolution)

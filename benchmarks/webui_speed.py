@@ -13,7 +13,8 @@ first with ``--write-probe <webui>/extensions``). Then, in that one process:
    with one trainable vector spliced in through the host's own embedding database, plus the UNet's forward and
    backward to that vector, with every weight frozen (no weight gradients); and the UNet alone (forward and
    backward to the conditioning). It is measured with the host's attention as set and with its SDP attention (which
-   our runs use in place of a chunked one), and the faster counts.
+   our runs use in place of a chunked one), each with the UNet's weights contiguous and channels-last (ours on the
+   CPU), and the fastest counts.
 
 Step times come from one clock for both trainers: the probe (a small tooling extension this script writes into
 the WebUI's data folder, not part of the product) stamps every outermost ``torch.autograd.backward`` call; a step
@@ -164,9 +165,13 @@ def _bound(body: dict = Body(...)):
             return {"median_ms": 1000 * statistics.median(times), "switches_per_step": statistics.median(switches)}
 
         host_attention = sd_hijack.current_optimizer
+        diffusion_model = model.model.diffusion_model
         try:
             if body.get("attention"):
                 sd_hijack.apply_optimizations(body["attention"])
+            if body.get("channels_last"):
+                diffusion_model.to(memory_format=torch.channels_last)
+                latents = latents.contiguous(memory_format=torch.channels_last)
             for p in params:
                 p.requires_grad_(False)
             for e in embedders:
@@ -189,10 +194,12 @@ def _bound(body: dict = Body(...)):
             database.ids_lookup.clear()
             database.load_textual_inversion_embeddings(force_reload=True)
             used = sd_hijack.current_optimizer
+            diffusion_model.to(memory_format=torch.contiguous_format)
             if body.get("attention"):
                 sd_hijack.apply_optimizations(host_attention.title() if host_attention else "None")
         return {"unet": unet, "encode_unet": encode_unet, "torch_threads": torch.get_num_threads(),
-                "attention": used.name if used else "None"}
+                "attention": used.name if used else "None",
+                "layout": "channels-last" if body.get("channels_last") else "contiguous"}
 
 
 def _start_idle_team():
@@ -343,11 +350,12 @@ def measure(
             print(f"  {family} batch {batch} run {repeat + 1}: ours {1 / ours[-1][0]:.1f} steps/s"
                   + (f", built-in {1 / theirs[-1][0]:.1f} steps/s" if builtin else ""), flush=True)  # fmt: skip
         # The bound with the host's attention as set and with its SDP one (what our runs use in place of a chunked
-        # pick): the faster of the two.
+        # pick), each with the UNet's weights contiguous and channels-last (ours on the CPU): the fastest counts.
         bounds = [
-            client.call("POST", "/embtrain-bench/bound",
-                        {"batch": batch, "size": 64, "steps": args.bound_steps, "attention": attention})
+            client.call("POST", "/embtrain-bench/bound", {"batch": batch, "size": 64, "steps": args.bound_steps,
+                                                          "attention": attention, "channels_last": channels_last})
             for attention in (None, SDP_TITLE)
+            for channels_last in (False, True)
         ]  # fmt: skip
         bound = min(bounds, key=lambda b: b["encode_unet"]["median_ms"])
         loads.append(os.getloadavg()[0])
@@ -371,7 +379,7 @@ def measure(
 def report(results: list[dict[str, Any]]) -> str:
     lines = [
         "| model | batch | ours steps/s | built-in steps/s | ours / built-in | our step ms | bound ms (encode + UNet) "
-        "| ours / bound | UNet-only bound ms | bound's attention | our CPU threads | context switches per step "
+        "| ours / bound | UNet-only bound ms | bound's attention, layout | our CPU threads | context switches per step "
         "(ours / built-in) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -383,7 +391,7 @@ def report(results: list[dict[str, Any]]) -> str:
                 + (f"{1000 / e['builtin_step_ms']:.1f} | {e['speedup_vs_builtin']:.2f}x | " if builtin else "- | - | ")
                 + f"{e['ours_step_ms']:.1f} | {e['bound']['encode_unet']['median_ms']:.1f} | "
                 f"{e['ours_vs_encode_unet_bound']:.2f} | {e['bound']['unet']['median_ms']:.1f} | "
-                f"{e['bound']['attention']} | "
+                f"{e['bound']['attention']}, {e['bound']['layout']} | "
                 f"{'; '.join(e['ours_cpu_threads'])} | {e['ours_switches_per_step']:.0f}"
                 + (f" / {e['builtin_switches_per_step']:.0f} |" if builtin else " |")
             )

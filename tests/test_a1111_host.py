@@ -28,14 +28,41 @@ class Recording(nn.Module):
         return super().to(*args, **kwargs)
 
 
+class ResBlock(nn.Module):
+    """Shaped like ldm's: it takes the timestep embedding (``emb_layers``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb_layers = nn.Linear(4, 4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.transformer_blocks:
+            x = block(x)
+        return x
+
+
 class UNet(nn.Module):
     in_channels = 4
 
     def __init__(self) -> None:
         super().__init__()
-        self.input_blocks = nn.ModuleList([nn.Conv2d(4, 4, 1)])
-        self.middle_block = nn.Conv2d(4, 4, 1)
-        self.output_blocks = nn.ModuleList([nn.Conv2d(4, 4, 1)])
+        self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 1))])
+        self.middle_block = nn.Sequential(ResBlock(), SpatialTransformer())
+        self.output_blocks = nn.ModuleList([nn.Sequential(ResBlock(), nn.Conv2d(4, 4, 1))])
+
+    def checkpointed_layers(self) -> list[nn.Module]:
+        """What a run checkpoints, each on its own: residual blocks and transformer blocks."""
+        return [self.middle_block[0], *self.middle_block[1].transformer_blocks, self.output_blocks[0][0]]
 
 
 class Wrapper(Recording):
@@ -118,7 +145,8 @@ def test_every_change_is_undone_when_the_run_raises(family):
         with host.training_session(gradient_checkpointing=True):
             assert not any(p.requires_grad for p in model.parameters())
             assert all(e.is_trainable for e in embedders)  # else SDXL's vectors get no gradient
-            assert "forward" in unet.middle_block.__dict__  # checkpointed
+            assert all("forward" in layer.__dict__ for layer in unet.checkpointed_layers())
+            assert "forward" not in unet.input_blocks[0][0].__dict__  # a plain convolution is not
             # --medvram's swapping is lifted: the UNet and the text encoders stay on the device together.
             assert not any(hooks(m) for m in model.modules() if m is not model.first_stage_model)
             unet.middle_block(torch.zeros(1, 4, 2, 2))
@@ -127,7 +155,7 @@ def test_every_change_is_undone_when_the_run_raises(family):
             raise RuntimeError("the core failed")
     assert [p.requires_grad for p in model.parameters()] == flags
     assert not any(e.is_trainable for e in embedders)
-    assert "forward" not in unet.middle_block.__dict__
+    assert not any("forward" in layer.__dict__ for layer in unet.checkpointed_layers())
     assert hooks(model.model) == [LOWVRAM_HOOK] and hooks(unet.input_blocks[0]) == [LOWVRAM_HOOK]
     assert lowvram.calls == 2  # before (nothing marked as loaded) and after (a preview may have loaded the VAE)
     assert model.first_stage_model.moves == ["cpu"]  # offloaded (on this CPU-only machine it is already back)

@@ -92,8 +92,9 @@ def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
     base, data = webui_ui
     make_images(tmp_path / "images", count=4)
     with tab_page(base, tmp_path / "embtrain-tab.png") as page:
-        # The loaded model's native resolution and learning rate (SD1: 512, 0.01) are filled in when the page loads.
-        _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '512'", "no default")
+        # The checkpoint's own resolution (the tiny SD1's config: 8 latent pixels, so 64 px) and the SD1 learning
+        # rate are filled in when the page loads.
+        _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '64'", "no default")
         assert _value(page, "embtrain_learning_rate") == "0.01"
         _fill(page, "embtrain_name", "uicat")
         _fill(page, "embtrain_init_text", "cat")
@@ -120,7 +121,7 @@ def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
         points = int(page.locator("#embtrain_loss_canvas").get_attribute("data-points") or 0)
         summary = page.locator("#embtrain_result").first.inner_text()
         errors = page.errors
-    assert "uicat.safetensors" in summary and "Final loss" in summary, summary
+    assert "uicat.safetensors" in summary and "Final loss" in summary and "64 px" in summary, summary
     assert points == 15 and captions == ["step 5", "step 10", "step 15"]
     assert (data / "embeddings" / "uicat.safetensors").is_file()
     previews = sorted(p.name for p in (data / "embtrain-runs" / "uicat" / "previews").iterdir())

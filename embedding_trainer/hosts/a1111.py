@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import HostError
-from ..host import EncoderInfo, ImageInfo, ModelFamily, checkpointed, frozen
+from ..host import EncoderInfo, ImageInfo, ModelFamily, channels_last_on_cpu, checkpointed, frozen
 from ..log import logger
 
 #: The forward pre-hook --medvram/--lowvram install on the modules they swap (modules/lowvram.py).
@@ -65,6 +65,21 @@ def native_resolution(sd_model: Any, family: ModelFamily) -> int:
     return latent * 2 ** (int(levels) - 1)
 
 
+def checkpoint_units(unet: Any) -> list[torch.nn.Module]:
+    """The ldm/sgm UNet's residual blocks and transformer blocks, each checkpointed on its own: a backward then
+    recomputes one layer at a time, not a whole input/output block (a block of SDXL holds up to 10 transformer
+    layers)."""
+    units: list[torch.nn.Module] = []
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        for layer in block if isinstance(block, torch.nn.Sequential) else [block]:
+            transformer_blocks = getattr(layer, "transformer_blocks", None)
+            if transformer_blocks is not None:  # SpatialTransformer
+                units.extend(transformer_blocks)
+            elif hasattr(layer, "emb_layers"):  # ResBlock (it takes the timestep embedding)
+                units.append(layer)
+    return units
+
+
 class A1111Host:
     """Presents ``shared.sd_model`` to the training core (see ``embedding_trainer.host.Host``)."""
 
@@ -95,6 +110,7 @@ class A1111Host:
         # fp16 weights need a grad scaler; fp32 weights (--no-half) train in fp32.
         self.preferred_precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.unet_dtype, "fp32")
         self.embedding: Any = None  # the live Embedding registered under the trigger word
+        self.input_memory_format = torch.contiguous_format  # the UNet inputs' layout: channels-last with its weights
 
     def _find_text_embedders(self) -> list[Any]:
         if self.family == "sdxl":
@@ -206,14 +222,15 @@ class A1111Host:
         return self.sd_model.conditioner(batch)
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
-        return self.sd_model.apply_model(noisy_latents.to(self.unet_dtype), timesteps.to(self.device), conditioning)
+        latents = noisy_latents.to(self.unet_dtype).contiguous(memory_format=self.input_memory_format)
+        return self.sd_model.apply_model(latents, timesteps.to(self.device), conditioning)
 
     @contextlib.contextmanager
     def training_session(self, gradient_checkpointing: bool = False) -> Iterator[None]:
         """Freeze every weight, make SDXL's text embedders pass gradients, optionally checkpoint UNet blocks."""
         sd_model = self.sd_model
         unet = sd_model.model.diffusion_model
-        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks] if gradient_checkpointing else []
+        blocks = checkpoint_units(unet) if gradient_checkpointing else []
         embedders = list(self._text_embedders.values()) if self.family == "sdxl" else []
         trainable = [getattr(e, "is_trainable", False) for e in embedders]
         try:
@@ -226,10 +243,13 @@ class A1111Host:
                 self._resident_for_training(),
                 self._vae_returns(),
                 self._attention_for_training(),
+                channels_last_on_cpu(unet, self.device) as channels_last,
                 checkpointed(blocks),
             ):
+                self.input_memory_format = torch.channels_last if channels_last else torch.contiguous_format
                 yield
         finally:
+            self.input_memory_format = torch.contiguous_format
             for embedder, flag in zip(embedders, trainable):
                 embedder.is_trainable = flag
 

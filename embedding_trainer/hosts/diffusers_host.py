@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import HostError
-from ..host import ENCODER_KEYS, EncoderInfo, ImageInfo, ModelFamily, checkpointed, frozen
+from ..host import ENCODER_KEYS, EncoderInfo, ImageInfo, ModelFamily, channels_last_on_cpu, checkpointed, frozen
 
 MAX_TOKENS = 77
 
@@ -97,6 +97,7 @@ class DiffusersHost:
         self.default_resolution = int(getattr(unet.config, "sample_size", 64)) * self._vae_factor()
         self._tokenize = lru_cache(maxsize=4096)(self._tokenize_uncached)
         self._session_dtype: torch.dtype | None = None
+        self.input_memory_format = torch.contiguous_format  # the UNet inputs' layout: channels-last with its weights
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -264,7 +265,7 @@ class DiffusersHost:
         if added is not None:
             added = {k: v.to(dtype) for k, v in added.items()}
         return self.unet(
-            noisy_latents.to(dtype),
+            noisy_latents.to(dtype).contiguous(memory_format=self.input_memory_format),
             timesteps.to(self.device),
             encoder_hidden_states=conditioning.hidden_states.to(dtype),
             added_cond_kwargs=added,
@@ -275,15 +276,17 @@ class DiffusersHost:
         models = (self.unet, self.vae, *self.text_encoders)
         modes = [m.training for m in models]
         vae_device = next(self.vae.parameters()).device
-        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks] if gradient_checkpointing else []
+        blocks = self._checkpoint_units() if gradient_checkpointing else []
         try:
             for m in models:
                 m.eval()  # dropout off: the frozen model must behave as at inference
             self._session_dtype = next(self.unet.parameters()).dtype
-            with frozen(*models), checkpointed(blocks):
+            with frozen(*models), channels_last_on_cpu(self.unet, self.device) as channels_last, checkpointed(blocks):
+                self.input_memory_format = torch.channels_last if channels_last else torch.contiguous_format
                 yield
         finally:
             self._session_dtype = None
+            self.input_memory_format = torch.contiguous_format
             for m, mode in zip(models, modes):
                 m.train(mode)
             self.vae.to(vae_device)  # back from offload_image_encoder
@@ -292,6 +295,16 @@ class DiffusersHost:
         self.vae.to("cpu")
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _checkpoint_units(self) -> list[torch.nn.Module]:
+        """Each resnet and each transformer block of the UNet: a backward recomputes one layer at a time, not a
+        whole down/up block (estimated for SDXL at 1024 px: see benchmarks/RESULTS.md, peak CUDA memory)."""
+        units: list[torch.nn.Module] = []
+        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+            units.extend(getattr(block, "resnets", []))
+            for attention in getattr(block, "attentions", []):
+                units.extend(getattr(attention, "transformer_blocks", [attention]))
+        return units
+
     def _vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
