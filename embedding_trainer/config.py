@@ -39,6 +39,11 @@ class TrainConfig:
     run_dir: str = _f("", "Folder for intermediate saves, the loss log and the run config (default runs/<name>).")
     overwrite: bool = _f(False, "Replace an existing embedding file and start over in an existing run folder.")
     write_pt: bool = _f(False, "Also write the WebUI's legacy .pt layout next to the .safetensors file.")
+    write_card: bool = _f(
+        False,
+        "Also write the WebUI's picture card (the embedding inside a PNG, to share) as <name>.png in the run folder.",
+    )
+    card_picture: str = _f("", "Image the card shows (default: the run's first preview, else a plain tile).")
     save_every: int = _f(0, "Save an intermediate embedding and resumable state every N steps (0: off).", min=0)
     keep_saves: int = _f(3, "How many intermediate saves to keep (0: keep all).", min=0)
     resume: str = _f("", "Resume from a run folder (its latest save) or a state file written by a previous run.")

@@ -9,8 +9,8 @@ context switches per step instead of 1). Two remedies here:
 
 - ``release_openmp_team()``: a thread gives its idle team back when it is done with torch, so it stops slowing
   the others (``omp_pause_resource_all``, OpenMP 5.0; a no-op where the runtime lacks it).
-- ``ThreadTuner``: at the start of a CPU run, watch a few steps; if the workers are being put to sleep (many
-  context switches per step), time the same number of steps on one thread, keep the faster setting, and say why.
+- ``ThreadTuner``: at the start of a CPU run, time a few steps with the default team and as many on one thread,
+  keep the faster setting, and say why (with the context switches per step that explain a slow team).
 
 Nothing here applies to CUDA runs, whose CPU side only launches kernels.
 """
@@ -28,12 +28,12 @@ import torch
 
 from .log import logger
 
-#: Voluntary context switches per step above which the OpenMP workers are taken to be sleeping between
-#: operators. Measured: about 1 per step on an uncontended team, 120-1,400 per step when another thread's idle
-#: team is alive (one per parallel operator and worker).
-CONTENDED_SWITCHES_PER_STEP = 50
-#: Steps watched per setting (after the first step, which creates the team and warms caches).
+#: Steps timed per setting (after the first step, which creates the team and warms caches).
 WATCHED_STEPS = 4
+#: One thread must take less than this share of the team's step time to be chosen: an uncontended team is
+#: 1.3-2x faster, a contended one 2-25x slower (measured: toy model in a real WebUI beside an idle team; a small
+#: conv net beside a busy process).
+SINGLE_THREAD_MARGIN = 0.9
 
 _OPENMP_LIBRARY = re.compile(r"lib(gomp|omp|iomp5)[-.\w]*\.(so[.\d]*|dylib)$")
 
@@ -73,13 +73,15 @@ def release_openmp_team() -> bool:
     return runtime.omp_pause_resource_all(omp_pause_soft) == 0
 
 
-def voluntary_context_switches() -> int | None:
-    """This process's voluntary context switches so far (None where ``resource`` is missing, e.g. Windows)."""
+def context_switches() -> int | None:
+    """This process's context switches so far, voluntary (a worker sleeping) and involuntary (a worker preempted);
+    None where ``resource`` is missing (Windows)."""
     try:
         import resource
     except ImportError:
         return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 @dataclass
@@ -96,51 +98,52 @@ class ThreadSetup:
 class ThreadTuner:
     """Picks the run thread's torch thread count from the first steps, and restores it when the run ends.
 
-    Call :meth:`after_step` after every optimiser step (cheap: a counter, a clock and, for a few steps, one
-    ``getrusage``); :meth:`restore` when the run ends. ``setup`` says what was chosen and why.
+    After one warm-up step it times ``WATCHED_STEPS`` steps with the default team and as many with one thread, and
+    keeps one thread only if it was clearly faster (``SINGLE_THREAD_MARGIN``). One thread wins when the team's
+    workers keep being put to sleep or off the cores: another thread's idle OpenMP team in the process (many
+    voluntary context switches) or other processes on the cores (involuntary ones too). Call :meth:`after_step` after
+    every optimiser step (a counter and a clock, and for the watched steps one ``getrusage``); :meth:`restore` when
+    the run ends. ``setup`` says what was chosen and why.
     """
 
     def __init__(self, device: torch.device):
         self.initial_threads = torch.get_num_threads()
-        self.active = device.type == "cpu" and self.initial_threads > 1 and voluntary_context_switches() is not None
+        self.active = device.type == "cpu" and self.initial_threads > 1 and context_switches() is not None
         reason = "one core" if self.initial_threads == 1 else "not a CPU run"
         self.setup = ThreadSetup(self.initial_threads, "the process default" if self.active else reason)
         self._phase = "warm-up" if self.active else "done"
         self._steps = 0
         self._mark: tuple[float, int] = (0.0, 0)
-        self._shared_s = 0.0  # seconds per step with the default team while contended
+        self._team: tuple[float, float] = (0.0, 0.0)  # seconds and context switches per step with the default team
 
     def after_step(self) -> None:
         if self._phase == "done":
             return
         self._steps += 1
-        now, switches = time.perf_counter(), voluntary_context_switches() or 0
+        now, switches = time.perf_counter(), context_switches() or 0
         if self._phase == "warm-up":
-            self._phase, self._steps, self._mark = "watch", 0, (now, switches)
+            self._phase, self._steps, self._mark = "team", 0, (now, switches)
             return
         if self._steps < WATCHED_STEPS:
             return
         seconds = (now - self._mark[0]) / self._steps
         per_step = (switches - self._mark[1]) / self._steps
-        if self._phase == "watch":
-            if per_step < CONTENDED_SWITCHES_PER_STEP:
-                self._finish(self.initial_threads, "the process default; no contention seen")
-                return
-            # Another thread's idle OpenMP team is making ours sleep: try one thread, which needs no team.
-            self._shared_s = seconds
-            self._contended_switches = per_step
+        if self._phase == "team":
+            self._team = (seconds, per_step)
             torch.set_num_threads(1)
             self._phase, self._steps, self._mark = "single", 0, (now, switches)
             return
-        contention = (
-            f"{self.initial_threads} threads slept between operators ({self._contended_switches:.0f} context "
-            "switches per step: another thread's idle OpenMP team, or other processes on the cores)"
-        )
-        if seconds < self._shared_s:
-            self._finish(1, f"{contention}: 1 thread ran {self._shared_s / seconds:.2f}x faster")
+        team_s, team_switches = self._team
+        n = self.initial_threads
+        if seconds < team_s * SINGLE_THREAD_MARGIN:
+            self._finish(
+                1,
+                f"1 thread ran {team_s / seconds:.2f}x faster than {n} ({team_switches:.0f} context switches per step "
+                f"with {n}: another thread's idle OpenMP team, or other processes on the cores)",
+            )
         else:
-            torch.set_num_threads(self.initial_threads)
-            self._finish(self.initial_threads, f"{contention}, still faster than 1 thread")
+            torch.set_num_threads(n)
+            self._finish(n, f"{n} threads ran {seconds / team_s:.2f}x as fast as 1")
 
     def _finish(self, threads: int, reason: str) -> None:
         self._phase = "done"

@@ -258,8 +258,7 @@ def scan_dataset(folder: str | os.PathLike[str], *, recursive: bool = False, min
                 )
             caption = _read_caption(path)
         except _Problem as e:
-            problems.append(DatasetProblem(path, str(e)))
-            logger.warning("Skipping %s: %s", path, e)
+            problems.append(DatasetProblem(path, str(e)))  # the caller reports them (a run: as its warnings)
             continue
         records.append(ImageRecord(path=path, caption=caption, size=(width, height), has_alpha=alpha is not None))
 

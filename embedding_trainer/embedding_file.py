@@ -31,6 +31,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .embedding_card import CARD_SUFFIXES, card_bytes, read_card
 from .errors import EmbeddingFileError
 from .host import EncoderInfo
 from .log import logger
@@ -48,6 +49,11 @@ LAYOUT_EMB_PARAMS = "emb_params"
 LAYOUT_EMP_PARAMS = "emp_params"
 LAYOUT_SINGLE_KEY = "single_key"
 LAYOUT_SDXL = "sdxl_dict"
+#: The WebUI's picture card (``embedding_card.py``) holding its ``.pt`` dict.
+LAYOUT_CARD = "webui_card"
+#: This trainer's resumable run state (``run_state.py``): the vectors of a step beside the optimiser's moments.
+LAYOUT_RUN_STATE = "embtrain_run_state"
+_RUN_STATE_PREFIXES = ("vectors.", "optimizer.", "scaler.")
 
 # Header keys we own; everything else in a safetensors header is user metadata.
 _RESERVED_HEADER_KEYS = ("name", "step", "num_vectors", "embtrain_format")
@@ -59,7 +65,8 @@ _UNDERSTOOD_LAYOUTS = (
     "understood layouts: the WebUI's .pt dict {'string_to_param': {'*': [n, d]}, ...}; "
     "a single tensor [n, d] or [d] under any key in .safetensors/.pt/.bin "
     "(e.g. 'emb_params', OneTrainer's 'emp_params', a diffusers '<token>' key); "
-    "SDXL {'clip_l': [n, 768], 'clip_g': [n, 1280]} in .safetensors/.pt/.bin"
+    "SDXL {'clip_l': [n, 768], 'clip_g': [n, 1280]} in .safetensors/.pt/.bin; "
+    "the WebUI's picture cards (.png/.webp, its text chunk or its data bands)"
 )
 
 _WIDTH_FAMILIES = {
@@ -96,10 +103,16 @@ class EmbeddingData:
 
 
 def save_embedding(
-    data: EmbeddingData, path: str | os.PathLike[str], *, overwrite: bool = False, layout: str | None = None
+    data: EmbeddingData,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    layout: str | None = None,
+    picture: Any = None,
 ) -> Path:
-    """Write ``data`` atomically; the layout follows the suffix (``.safetensors`` or ``.pt``) unless ``layout``
-    (``"safetensors"`` or ``"pt"``) is given. Refuses to replace an existing file unless ``overwrite``."""
+    """Write ``data`` atomically; the layout follows the suffix (``.safetensors``, ``.pt``, or ``.png``: the WebUI's
+    picture card around ``picture``, a PIL image, else a plain tile) unless ``layout`` (``"safetensors"``, ``"pt"``
+    or ``"card"``) is given. Refuses to replace an existing file unless ``overwrite``."""
     path = Path(path)
     container = _container_for_write(path, layout)
     tensors = _tensors_for_write(data, path)
@@ -122,30 +135,48 @@ def save_embedding(
         )
         write_atomically(path, lambda f: _write_safetensors(f, tensors, header), overwrite)
     else:
-        if len(tensors) == 1:
-            obj: dict[str, Any] = {
-                "string_to_token": {"*": 265},
-                "string_to_param": {"*": next(iter(tensors.values()))},
-                "name": data.name,
-                "step": int(data.step),
-                "sd_checkpoint": data.metadata.get("base_model_hash") or None,
-                "sd_checkpoint_name": data.metadata.get("base_model_name") or None,
-                _PT_FORMAT_KEY: FORMAT_VERSION,
-                _PT_METADATA_KEY: {str(k): _metadata_str(v) for k, v in data.metadata.items()},
-            }
+        obj = _webui_dict(data, tensors, path)
+        if container == "card":
+            card = card_bytes(obj, picture if picture is not None else _plain_picture(data.name))
+            write_atomically(path, lambda f: f.write(card), overwrite)
         else:
-            # The WebUI turns EVERY value of an SDXL dict into a float tensor, so a string such as the name would
-            # make it reject the file: the SDXL .pt holds the two tensors only (the trigger is the file name).
-            obj = dict(tensors)
-            if data.step or data.metadata or data.name != path.stem:
-                logger.warning(
-                    "%s: an SDXL .pt file can only hold the two tensors; the name, step and metadata are not stored "
-                    "(use .safetensors to keep them)",
-                    path,
-                )
-        write_atomically(path, lambda f: _write_pt(f, obj), overwrite)
+            write_atomically(path, lambda f: _write_pt(f, obj), overwrite)
     logger.debug("saved embedding %s (%d vectors, step %d)", path, data.num_vectors, data.step)
     return path
+
+
+def _webui_dict(data: EmbeddingData, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """The WebUI's own embedding object (what its ``.pt`` files and picture cards hold)."""
+    if len(tensors) == 1:
+        return {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": next(iter(tensors.values()))},
+            "name": data.name,
+            "step": int(data.step),
+            "sd_checkpoint": data.metadata.get("base_model_hash") or None,
+            "sd_checkpoint_name": data.metadata.get("base_model_name") or None,
+            _PT_FORMAT_KEY: FORMAT_VERSION,
+            _PT_METADATA_KEY: {str(k): _metadata_str(v) for k, v in data.metadata.items()},
+        }
+    # The WebUI turns EVERY value of an SDXL dict into a float tensor, so a string such as the name would make it
+    # reject the file: an SDXL .pt or card holds the two tensors only (the trigger is the file name).
+    if data.step or data.metadata or data.name != path.stem:
+        logger.warning(
+            "%s: an SDXL %s can only hold the two tensors; the name, step and metadata are not stored (use "
+            ".safetensors to keep them)",
+            path,
+            "card" if path.suffix.lower() == ".png" else ".pt file",
+        )
+    return dict(tensors)
+
+
+def _plain_picture(name: str) -> Any:
+    """A card's picture when none is given: the trigger on a neutral tile."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (256, 256), (236, 236, 236))
+    ImageDraw.Draw(picture).text((16, 120), name, fill=(40, 40, 40))
+    return picture
 
 
 def _write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
@@ -184,17 +215,19 @@ def _quiet_typed_storage() -> Iterator[None]:
 
 def _container_for_write(path: Path, layout: str | None) -> str:
     if layout is not None:
-        if layout not in ("safetensors", "pt"):
-            raise EmbeddingFileError(f"{path}: unknown layout {layout!r}; use 'safetensors' or 'pt'")
+        if layout not in ("safetensors", "pt", "card"):
+            raise EmbeddingFileError(f"{path}: unknown layout {layout!r}; use 'safetensors', 'pt' or 'card'")
         return layout
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
     if suffix == ".pt":
         return "pt"
+    if suffix == ".png":
+        return "card"
     raise EmbeddingFileError(
         f"{path}: cannot tell the layout from the suffix {suffix or '(none)'!r}; "
-        "name the file .safetensors (recommended) or .pt, or pass layout='safetensors' / layout='pt'"
+        "name the file .safetensors (recommended), .pt or .png (a picture card)"
     )
 
 
@@ -238,7 +271,7 @@ def _metadata_str(value: Any) -> str:
 
 def _exists_error(path: Path) -> EmbeddingFileError:
     return EmbeddingFileError(
-        f"{path}: file already exists; choose another name or allow replacing it (overwrite=True / --overwrite)"
+        f"{path}: file already exists; choose another name or allow replacing it (--overwrite; overwrite in the API)"
     )
 
 
@@ -316,10 +349,12 @@ def load_embedding(path: str | os.PathLike[str], encoders: tuple[EncoderInfo, ..
     if suffix in SAFETENSORS_SUFFIXES:
         data = _read_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
-        data = _read_pickle(path)
+        data = _embedding_from_dict(path, _torch_load_safely(path), LAYOUT_A1111)
+    elif suffix in CARD_SUFFIXES:
+        data = _embedding_from_dict(path, read_card(path), LAYOUT_CARD)
     else:
         raise EmbeddingFileError(
-            f"{path}: unknown suffix {suffix or '(none)'!r}; embedding files end in .safetensors, .pt or .bin "
+            f"{path}: unknown suffix {suffix or '(none)'!r}; embedding files end in .safetensors, .pt, .bin or .png "
             f"({_UNDERSTOOD_LAYOUTS})"
         )
     if encoders is not None:
@@ -332,6 +367,8 @@ def _read_safetensors(path: Path) -> EmbeddingData:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
             keys = list(f.keys())
+            if _is_run_state(keys, header):
+                return _read_run_state(path, header, {k: f.get_tensor(k) for k in keys if k.startswith("vectors.")})
             layout, selected = _classify_keys(path, keys)
             raw = {k: f.get_tensor(k) for k in selected}
     except EmbeddingFileError:
@@ -349,8 +386,38 @@ def _read_safetensors(path: Path) -> EmbeddingData:
     )
 
 
+def _is_run_state(keys: list[str], header: dict[str, str]) -> bool:
+    return (
+        "config" in header
+        and any(k.startswith("vectors.") for k in keys)
+        and all(k.startswith(_RUN_STATE_PREFIXES) for k in keys)
+    )
+
+
+def _read_run_state(path: Path, header: dict[str, str], tensors: dict[str, torch.Tensor]) -> EmbeddingData:
+    """The vectors of a saved run state, readable as the embedding of that step (``inspect`` says what it is)."""
+    raw = {key.removeprefix("vectors."): t for key, t in tensors.items()}
+    vectors = _vectors_from_raw(path, LAYOUT_SDXL if set(raw) == set(SDXL_KEYS) else LAYOUT_SINGLE_KEY, raw)
+    try:
+        name = str(json.loads(header["config"]).get("name") or path.stem)
+    except (ValueError, AttributeError):
+        name = path.stem
+    step = (_parse_step(header.get("step")) or 0) + (_parse_step(header.get("base_step")) or 0)
+    metadata = {k: v for k, v in header.items() if k not in _RESERVED_HEADER_KEYS}
+    return EmbeddingData(name=name, vectors=vectors, step=step, metadata=metadata, layout=LAYOUT_RUN_STATE)
+
+
 def _classify_keys(path: Path, keys: list[str]) -> tuple[str, list[str]]:
     """Layout and tensor keys of a flat {key: tensor} file (safetensors, or the tensors of a pickled dict)."""
+    outputs = [k for k in keys if k.endswith("_out") and k.removesuffix("_out") in keys]
+    if outputs:
+        raise EmbeddingFileError(
+            f"{path}: a OneTrainer embedding saved with its output-embedding option ({_key_list(outputs)} beside "
+            f"{_key_list([k.removesuffix('_out') for k in outputs])}): what it learned acts on the text encoder's "
+            "output, which A1111, Forge, ComfyUI and diffusers cannot apply, and its input vectors are left at zero, "
+            "so it cannot be used as a plain embedding. Train it again in OneTrainer with the output embedding off "
+            "(or here)."
+        )
     if "clip_l" in keys and "clip_g" in keys:
         extra = [k for k in keys if k not in SDXL_KEYS]
         if extra:
@@ -376,8 +443,9 @@ def _key_list(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _read_pickle(path: Path) -> EmbeddingData:
-    obj = _torch_load_safely(path)
+def _embedding_from_dict(path: Path, obj: Any, webui_layout: str) -> EmbeddingData:
+    """An embedding from the WebUI's dict (``string_to_param``: reported as ``webui_layout``) or a flat dict of
+    tensors (a ``.pt``/``.bin`` or a card)."""
     if not isinstance(obj, dict):
         raise EmbeddingFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors; {_UNDERSTOOD_LAYOUTS}")
     metadata: dict[str, str] = {}
@@ -390,7 +458,7 @@ def _read_pickle(path: Path) -> EmbeddingData:
             raise EmbeddingFileError(
                 f"{path}: 'string_to_param' must hold exactly one tensor, found {count}; {_UNDERSTOOD_LAYOUTS}"
             )
-        layout, raw = LAYOUT_A1111, {SINGLE_KEY: next(iter(params.values()))}
+        layout, raw = webui_layout, {SINGLE_KEY: next(iter(params.values()))}
         extra = obj.get(_PT_METADATA_KEY)
         if isinstance(extra, dict):
             metadata.update({str(k): _metadata_str(v) for k, v in extra.items()})
@@ -421,6 +489,15 @@ def _torch_load_safely(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         reason = _weights_only_reason(msg)
+        if "persistent_load" in msg and "<class 'str'>" in msg:
+            # The pre-1.6 torch format stores a module's class with its source code (the original textual-inversion
+            # code saved its nn.ParameterDict that way); the weights-only reader refuses that record, not malice.
+            raise EmbeddingFileError(
+                f"{path}: an old-format torch file (written before torch 1.6) that holds a torch module, most likely "
+                "the nn.ParameterDict of the original textual-inversion code; torch's weights-only reader cannot "
+                "read that format. If it comes from a source you trust, re-save it once with a current torch "
+                "(torch.load, then torch.save or a .safetensors conversion) and use the new file."
+            ) from e
         if "Weights only load failed" in msg and "Unsupported operand" not in msg:
             raise EmbeddingFileError(
                 f"{path}: refusing to execute pickled code: the file contains objects other than tensors and plain "
@@ -608,6 +685,13 @@ def format_inspection(info: dict[str, Any]) -> str:
         mean = sum(norms) / len(norms) if norms else math.nan
         lines.append(f"encoder {key}: width {enc['width']} ({enc['family']})")
         lines.append(f"  L2 norms: {shown} (mean {mean:.4g})")
+    if info["layout"] == LAYOUT_RUN_STATE:
+        embedding = Path(info["path"]).name.replace(".state.safetensors", ".safetensors")
+        lines.append(
+            "note:        a resumable run state of Embedding Trainer (vectors and optimiser moments), not a file to "
+            f"share: continue its run with `train --resume {info['path']}`; the embedding of this step is {embedding} "
+            "beside it"
+        )
     if info["metadata"]:
         lines.append("metadata:")
         for k in sorted(info["metadata"]):
@@ -618,10 +702,26 @@ def format_inspection(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def convert_embedding(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def convert_embedding(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    picture: str | os.PathLike[str] | None = None,
+) -> Path:
     """Read ``src`` in any understood layout and write the layout of ``dst``'s suffix, keeping name, step and
-    metadata (an SDXL ``.pt`` cannot hold them: see :func:`save_embedding`)."""
+    metadata (an SDXL ``.pt`` or card cannot hold them: see :func:`save_embedding`). ``picture``: the image file a
+    ``.png`` card shows."""
+    from PIL import Image
+
     dst = Path(dst)
     _container_for_write(dst, None)  # fail on a bad suffix before reading anything
+    image = None
+    if picture is not None:
+        try:
+            with Image.open(picture) as opened:
+                image = opened.convert("RGB")
+        except OSError as e:
+            raise EmbeddingFileError(f"{picture}: cannot be read as a picture for the card ({e})") from e
     data = load_embedding(src)
-    return save_embedding(data, dst, overwrite=overwrite)
+    return save_embedding(data, dst, overwrite=overwrite, picture=image)

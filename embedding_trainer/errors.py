@@ -16,7 +16,16 @@ class ConfigError(EmbeddingTrainerError, ValueError):
 
 
 class DatasetError(EmbeddingTrainerError):
-    """The image folder, an image, a caption or a template cannot be used."""
+    """The image folder, an image, a caption or a template cannot be used.
+
+    Messages start with the config field they are about (``"images: folder ... does not exist"``); ``field`` is that
+    name, so the API and the tab can point at the field as for a ``ConfigError``.
+    """
+
+    def __init__(self, message: str):
+        head, sep, _ = message.partition(": ")
+        self.field = head if sep and head.isidentifier() else None
+        super().__init__(message)
 
 
 class EmbeddingFileError(EmbeddingTrainerError):

@@ -67,6 +67,11 @@ def restore_optimizer(
         )
 
 
+def run_folder_of(state_path: Path) -> Path:
+    """The run folder a state file belongs to (``<run>/saves/<file>``, or the folder it lies in)."""
+    return state_path.parent.parent if state_path.parent.name == "saves" else state_path.parent
+
+
 def find_state(path: str | Path) -> Path:
     """A state file, or the latest one in a run folder (``<run>/saves``)."""
     path = Path(path)

@@ -39,7 +39,11 @@ def parse_learning_rate(text: str, field: str = "learning_rate") -> LearningRate
         try:
             rate = float(rate_text)
         except ValueError:
-            raise ConfigError(field, f"{rate_text.strip()!r} in {text!r} is not a number") from None
+            raise ConfigError(
+                field,
+                f"{rate_text.strip()!r} in {text!r} is not a number; give a rate such as 0.005, or the WebUI's "
+                "schedule form '0.005:100, 1e-3:1000, 1e-5' (rate until step)",
+            ) from None
         if not math.isfinite(rate) or rate <= 0:
             raise ConfigError(field, f"rate {rate_text.strip()!r} in {text!r} must be a positive number")
         until: int | None = None

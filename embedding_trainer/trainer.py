@@ -12,8 +12,10 @@ import csv
 import functools
 import hashlib
 import inspect
+import io
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -29,13 +31,13 @@ from . import __version__
 from .config import TrainConfig
 from .cpu_threads import ThreadSetup, ThreadTuner
 from .dataset import RenderedSample, Sample, TrainingSet, scan_dataset
-from .embedding_file import EmbeddingData, load_embedding, save_embedding
+from .embedding_file import EmbeddingData, load_embedding, save_embedding, write_atomically
 from .errors import ConfigError, EmbeddingFileError, TrainingError
 from .host import Host, ImageInfo
 from .initialization import random_vectors, vectors_from_text
 from .log import logger
 from .losses import add_noise, denoising_loss, min_snr_weights, prediction_target
-from .run_state import STATE_SUFFIX, find_state, load_state, restore_optimizer, save_state
+from .run_state import STATE_SUFFIX, find_state, load_state, restore_optimizer, run_folder_of, save_state
 from .schedules import learning_rate_at, parse_learning_rate
 from .templates import PromptBuilder, load_template
 
@@ -50,9 +52,15 @@ RESUMABLE_CHANGES = frozenset(
         "overwrite",
         "output_dir",
         "write_pt",
+        "write_card",
+        "card_picture",
         "gradient_checkpointing",
+        "run_dir",  # a resume works in the folder it was given (a run folder can be moved or copied)
     }
 )
+
+#: The columns of a run's ``loss.csv``.
+LOSS_LOG_COLUMNS = ["step", "loss", "smoothed_loss", "learning_rate", "elapsed_s"]
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Callbacks:
 
     on_progress: Callable[[Progress], None] | None = None
     on_status: Callable[[str], None] | None = None  # phases: "scanning", "encoding latents 3/20", ...
+    on_warning: Callable[[str], None] | None = None  # skipped images, a trigger the model knows, ...
     on_save: Callable[[Path, int], None] | None = None  # an embedding file written at a step
     on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None  # after each step (previews)
     should_stop: Callable[[], bool] | None = None
@@ -123,8 +132,20 @@ def check_output_free(config: TrainConfig) -> None:
     path = output_path(config)
     if path.exists() and not (config.overwrite or config.resume):
         raise EmbeddingFileError(
-            f"{path} already exists; choose another name or output_dir, or set overwrite to replace it"
+            f"{path} already exists; choose another name or output_dir, or set overwrite (--overwrite) to replace it"
         )
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """What can be checked before a model is loaded or a run queued: the template's lines, the image folder and its
+    images, the files to start from (the run checks them again). Raises ``DatasetError`` or ``ConfigError`` naming
+    the field."""
+    PromptBuilder(load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout)
+    scan_dataset(config.images, recursive=config.recursive, min_images=config.min_images)
+    if config.init_mode == "file" and not Path(config.init_file).is_file():
+        raise ConfigError("init_file", f"'{config.init_file}' does not exist; give the path of an embedding file")
+    if config.resume:
+        find_state(config.resume)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -230,6 +251,9 @@ class Trainer:
             use_alpha_mask=config.use_alpha_mask,
         )
         self.batches_per_epoch = self.data.batches_per_epoch(config.batch_size)
+        self.warnings = self._plan_warnings()
+        for text in self.warnings:
+            self._warn(text)
         self.start_step = 0
         self.base_step = 0  # steps already stored in an init file
         self.resume_state: dict[str, torch.Tensor] | None = None
@@ -245,6 +269,22 @@ class Trainer:
         logger.info(text)
         if self.callbacks.on_status:
             self.callbacks.on_status(text)
+
+    def _warn(self, text: str) -> None:
+        """Something the user should know that does not stop the run (also in ``warnings`` and the header)."""
+        if self.callbacks.on_warning:
+            self.callbacks.on_warning(text)
+
+    def _plan_warnings(self) -> list[str]:
+        """What is questionable about this run before it starts: skipped files, a trigger the model knows."""
+        warnings = [f"skipped {problem.path}: {problem.message}" for problem in self.scan.problems]
+        name = self.config.name
+        if self.host.known_token_count(name) == 1:
+            warnings.append(
+                f"'{name}' is a word the model already knows; prompts that mean that word will now mean the "
+                "embedding (a made-up name such as 'my-{name}' avoids this)"
+            )
+        return warnings
 
     def _initial_vectors(self) -> dict[str, torch.Tensor]:
         config = self.config
@@ -269,6 +309,9 @@ class Trainer:
                 )
             self.resume_state = tensors
             self._resumed_from = state_path
+            # Work in the folder given, wherever the run was first (its config.json, loss.csv and saves go there).
+            self.run_dir = run_folder_of(state_path)
+            self.config = config.replace(run_dir=str(self.run_dir))
             return {e.key: tensors[f"vectors.{e.key}"].clone() for e in self.host.encoders}
         if config.init_mode == "file":
             data = load_embedding(config.init_file, self.host.encoders)
@@ -280,19 +323,34 @@ class Trainer:
 
     @property
     def _replaces_output(self) -> bool:
-        # A resumed run replaces the embedding its own stopped run wrote.
-        return self.config.overwrite or bool(self.config.resume)
+        """Overwrite asked for, or a resume replacing the embedding its own stopped run wrote (no other file)."""
+        return self.config.overwrite or (bool(self.config.resume) and self._output_is_the_resumed_runs())
+
+    def _output_is_the_resumed_runs(self) -> bool:
+        if not self.output_path.exists():
+            return True
+        try:
+            existing = load_embedding(self.output_path)
+        except EmbeddingFileError:
+            return False
+        return existing.name == self.config.name and existing.step == self.base_step + self.start_step
 
     def _check_outputs(self) -> None:
         config = self.config
         check_output_free(config)
+        if config.resume and not self._replaces_output:
+            raise EmbeddingFileError(
+                f"{self.output_path} already exists and is not the embedding the resumed run wrote when it stopped "
+                f"(step {self.base_step + self.start_step}); set overwrite (--overwrite) to replace it, or choose "
+                "another output_dir"
+            )
         saves = self.run_dir / "saves"
-        if not config.resume and saves.is_dir() and any(saves.iterdir()):
+        if not config.resume and saves.is_dir() and any(not p.name.endswith(".tmp") for p in saves.iterdir()):
             if not config.overwrite:
                 raise ConfigError(
                     "run_dir",
                     f"{self.run_dir} holds a previous run; resume it (resume={self.run_dir}), choose another "
-                    "run_dir, or set overwrite to start over",
+                    "run_dir, or set overwrite (--overwrite) to start over",
                 )
             shutil.rmtree(saves)
 
@@ -324,13 +382,7 @@ class Trainer:
             + (", VAE in RAM after caching" if c.vae_to_cpu else ""),
             f"  output:    {self.output_path} (run folder {self.run_dir})",
         ]
-        if self.host.known_token_count(c.name) == 1:
-            lines.append(
-                f"  note:      '{c.name}' is a word the model already knows; prompts that mean that word will "
-                "now mean the embedding (a made-up name avoids this)"
-            )
-        for problem in self.scan.problems:
-            lines.append(f"  skipped:   {problem.path}: {problem.message}")
+        lines.extend(f"  warning:   {text}" for text in self.warnings)
         return "\n".join(lines)
 
     # -- data ----------------------------------------------------------------------------------------------
@@ -504,6 +556,43 @@ class Trainer:
         assert total is not None  # grad_accum >= 1
         return total
 
+    def _open_loss_log(self) -> Any:
+        """``loss.csv`` for appending. A resume first drops the rows past its step (a resume from an earlier save
+        repeats those steps) and continues the elapsed time and the smoothed loss of the rows it keeps."""
+        path = self.run_dir / "loss.csv"
+        self._elapsed_before = 0.0
+        kept: list[list[str]] = []
+        if self.config.resume and path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+            for row in rows[1:]:
+                with contextlib.suppress(ValueError, IndexError):
+                    if int(row[0]) <= self.start_step and len(row) == len(LOSS_LOG_COLUMNS):
+                        kept.append(row)
+            if kept:
+                self._elapsed_before = float(kept[-1][4])
+                self._smoothed = float(kept[-1][2])
+                self._ema_weight = 1.0 - 0.98 ** len(kept)
+        text = io.StringIO()
+        csv.writer(text).writerows([LOSS_LOG_COLUMNS, *kept])
+        write_atomically(path, lambda f: f.write(text.getvalue().encode("utf-8")), overwrite=True)
+        return open(path, "a", newline="", encoding="utf-8")
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files a killed run left behind (``write_atomically`` names them ``.<target>.<random>.tmp``)."""
+        name = self.config.name
+        places = {
+            self.run_dir: (f".{name}", ".loss.csv.", ".config.json."),
+            self.run_dir / "saves": (f".{name}",),
+            self.output_path.parent: (f".{name}.safetensors.", f".{name}.pt."),
+        }
+        for folder, prefixes in places.items():
+            if folder.is_dir():
+                for leftover in folder.glob(".*.tmp"):
+                    if leftover.name.startswith(prefixes):
+                        with contextlib.suppress(OSError):
+                            leftover.unlink()
+
     def _make_optimizer(self, leaves: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
         c = self.config
         # On CUDA, fused AdamW is one kernel, and the fp16 grad scaler hands it the overflow flag on the device
@@ -547,12 +636,12 @@ class Trainer:
         for entry, loss in zip(pending, losses):
             # Exponential moving average with bias correction, so early values are not pulled to 0.
             self._ema_weight = 0.98 * self._ema_weight + 0.02
-            smoothed = loss if entry.step == self.start_step + 1 else self._smoothed
+            smoothed = loss if math.isnan(self._smoothed) else self._smoothed  # a resume continues its run's
             self._smoothed = smoothed + (loss - smoothed) * 0.02 / self._ema_weight
             self._last_loss = loss
             log.writerow(
                 [entry.step, f"{loss:.6g}", f"{self._smoothed:.6g}", f"{entry.learning_rate:.6g}",
-                 f"{entry.elapsed_s:.3f}"]
+                 f"{self._elapsed_before + entry.elapsed_s:.3f}"]
             )  # fmt: skip
             if self.callbacks.on_progress:
                 done = entry.step - self.start_step
@@ -571,11 +660,12 @@ class Trainer:
                     )
                 )
         pending.clear()
+        self._log_file.flush()  # a kill loses at most the rows since the last report
 
     def run(self) -> TrainResult:
         c = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(c.to_json(), encoding="utf-8")
+        write_atomically(self.run_dir / "config.json", lambda f: f.write(c.to_json().encode("utf-8")), overwrite=True)
         leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
         optimizer = self._make_optimizer(leaves)
         # Device-side copies: no transfer to the CPU (a sync on CUDA) until a file is written.
@@ -590,11 +680,10 @@ class Trainer:
         extra: list[Path] = []
         pending: list[_PendingStep] = []
         tuner = ThreadTuner(self.device)
-        log_file = open(self.run_dir / "loss.csv", "a" if c.resume else "w", newline="", encoding="utf-8")
+        self._remove_leftovers()
+        log_file = self._log_file = self._open_loss_log()
         with log_file, self.host.training_session(c.gradient_checkpointing):
             log = csv.writer(log_file)
-            if log_file.tell() == 0:
-                log.writerow(["step", "loss", "smoothed_loss", "learning_rate", "elapsed_s"])
             try:
                 self._fill_cache()
                 if c.vae_to_cpu:
@@ -612,7 +701,7 @@ class Trainer:
                     loss = self._optimizer_step(step, leaves, optimizer)
                     step += 1
                     now = time.perf_counter()
-                    pending.append(_PendingStep(step, loss, lr, now - loop_start))
+                    pending.append(_PendingStep(step, loss, lr, now - loop_start))  # this run's own time
                     tuner.after_step()
                     saving = bool(c.save_every and step % c.save_every == 0 and step < c.max_steps)
                     if saving or step == c.max_steps or now - last_report >= REPORT_INTERVAL_S:
@@ -627,6 +716,7 @@ class Trainer:
                 raise self._failed(error, step) from error
             finally:
                 tuner.restore()
+        self._remove_leftovers()
         last_good = self._good_vectors
         if stopped or step < c.max_steps:
             # A stopped run can be resumed: keep its full state beside the embedding.
@@ -635,6 +725,8 @@ class Trainer:
         path = self._write_embedding(self.output_path, last_good, step, overwrite=replace)
         if c.write_pt:
             extra.append(self._write_embedding(path.with_suffix(".pt"), last_good, step, overwrite=replace))
+        if c.write_card:
+            extra.append(self._write_card(last_good, step))
         self.vectors = {k: v.cpu() for k, v in last_good.items()}
         return TrainResult(
             embedding_path=path,
@@ -686,6 +778,26 @@ class Trainer:
             self.callbacks.on_save(written, step)
         return written
 
+    def _write_card(self, vectors: dict[str, torch.Tensor], step: int) -> Path:
+        """The WebUI's picture card in the run folder (not the embeddings folder, where the WebUI would load it as a
+        second embedding with the same trigger), showing ``card_picture``, else the first preview, else a tile."""
+        from PIL import Image
+
+        previews = sorted((self.run_dir / "previews").glob("*.png"))
+        source = self.config.card_picture or (str(previews[0]) if previews else "")
+        picture = None
+        if source:
+            try:
+                with Image.open(source) as opened:
+                    picture = opened.convert("RGB")
+            except OSError as e:
+                self._warn(f"card_picture {source} cannot be read ({e}); the card shows a plain tile")
+        path = self.run_dir / f"{self.config.name}.png"
+        save_embedding(self._embedding(vectors, step), path, overwrite=True, picture=picture)
+        if self.callbacks.on_save:
+            self.callbacks.on_save(path, step)
+        return path
+
     def _save_last_good(self, step: int, vectors: dict[str, torch.Tensor]) -> Path:
         return self._write_embedding(self.run_dir / f"{self.config.name}-last-good.safetensors", vectors, step, True)
 
@@ -697,6 +809,9 @@ class Trainer:
         self._write_embedding(saves / f"{stem}.safetensors", vectors, step, overwrite=True)
         state_path = saves / f"{stem}{STATE_SUFFIX}"
         save_state(state_path, vectors, optimizer, self.scaler, step, self.base_step, self.config.to_json())
+        if not self._log_file.closed:  # the loss rows up to this save survive a kill, as the save does
+            self._log_file.flush()
+            os.fsync(self._log_file.fileno())
         if self.config.keep_saves and not keep_all:
             states = sorted(saves.glob(f"{self.config.name}-*{STATE_SUFFIX}"))
             for old in states[: -self.config.keep_saves]:

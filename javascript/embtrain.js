@@ -3,7 +3,9 @@
 // Every global here starts with "embtrain"; no libraries, no network beyond this WebUI's own routes.
 
 var embtrainPollTimer = null;
-var embtrainRunId = null;
+var embtrainRunId = null; // the run the chart follows
+var embtrainTaskId = null; // the WebUI task id of the run this page started, until that run shows up
+var embtrainTaskEnded = false; // the WebUI says that task is over (a run refused at its start never shows up)
 
 function embtrainEl(id) {
     return gradioApp().getElementById(id);
@@ -15,11 +17,15 @@ function embtrain_start() {
     var anchor = embtrainEl('embtrain_progress_anchor');
     var live = embtrainEl('embtrain_live');
     // The result HTML is gradio's to render: clearing its DOM here would detach the node gradio updates.
+    // Follow exactly the run this click starts: the server records it under this task id.
     embtrainRunId = null;
+    embtrainTaskId = id;
+    embtrainTaskEnded = false;
     embtrainChartReset();
     if (anchor) {
         requestProgress(id, anchor, null, function() {
             if (live) live.textContent = '';
+            embtrainTaskEnded = true;
             embtrainPoll();
         }, function(progress) {
             if (live && progress.textinfo) live.textContent = progress.textinfo;
@@ -49,22 +55,38 @@ function embtrainFetch(path) {
     });
 }
 
-// One poll: find the active run (or keep the last one), fetch its loss history, draw; stop when it has ended.
-function embtrainPoll() {
-    // The active run, else the newest one (a short run can finish before the first poll).
-    var pick = embtrainRunId ? Promise.resolve(embtrainRunId) : embtrainFetch('./embtrain/v1/runs').then(function(data) {
+// The run to follow: the one this page started (by its task id; until the server has created it, none), else
+// the active one, else (on page load) the newest, shown once.
+function embtrainPickRun() {
+    if (embtrainRunId) return Promise.resolve(embtrainRunId);
+    return embtrainFetch('./embtrain/v1/runs').then(function(data) {
         var runs = (data && data.runs) || [];
+        if (embtrainTaskId) {
+            var mine = runs.filter(function(r) {
+                return r.task_id === embtrainTaskId;
+            });
+            return mine.length ? mine[0].id : null;
+        }
         return (data && data.active_id) || (runs.length ? runs[0].id : null);
     });
-    pick.then(function(runId) {
-        if (!runId) return null;
+}
+
+// One poll: fetch the followed run's loss history and previews, draw; stop polling when it has ended.
+function embtrainPoll() {
+    embtrainPickRun().then(function(runId) {
+        if (!runId) {
+            if (!embtrainTaskId || embtrainTaskEnded) embtrainStopPolling();
+            return null;
+        }
         embtrainRunId = runId;
+        embtrainTaskId = null;
         return embtrainFetch('./embtrain/v1/runs/' + encodeURIComponent(runId));
     }).then(function(run) {
         if (!run) return;
         embtrainDraw(run);
         embtrainShowPreviews(run);
-        if (!run.active) embtrainStopPolling();
+        if (run.active) embtrainStartPolling();
+        else embtrainStopPolling();
     }).catch(function(error) {
         console.warn('embtrain: ' + error);
     });
@@ -127,6 +149,7 @@ function embtrainDraw(run) {
     ctx.fillText(title, 8, 14);
     canvas.dataset.points = String(points.length);
     canvas.dataset.state = run.state || '';
+    canvas.dataset.run = run.id || '';
     if (points.length < 1) return;
     var left = 48, right = width - 10, top = 24, bottom = height - 22;
     var xs = points.map(function(p) {
@@ -183,12 +206,7 @@ function embtrainDraw(run) {
     ctx.fillText('smoothed', right - 70, 14);
 }
 
-// A run started elsewhere (the HTTP API) shows up when the page loads.
+// On page load: the active run (one started through the HTTP API too) is followed live, else the newest is shown.
 onUiLoaded(function() {
-    embtrainPoll();
-    embtrainEl('embtrain_loss_canvas') && embtrainFetch('./embtrain/v1/runs').then(function(runs) {
-        if ((runs || []).some(function(r) {
-            return r.active;
-        })) embtrainStartPolling();
-    }).catch(function() {});
+    if (embtrainEl('embtrain_loss_canvas')) embtrainPoll();
 });

@@ -8,6 +8,7 @@ because pytest attaches its handler to non-propagating loggers too.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -122,6 +124,17 @@ def test_make_tiny_model_writes_the_same_model_as_the_fixture(
 # train
 
 
+def test_train_lists_the_runs_warnings_in_its_header_and_at_the_end(
+    tmp_path: Path, model: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (image_folder / "broken.png").write_bytes(b"not a png")
+    assert cli.main(train_args(model, image_folder, tmp_path, "--quiet")) == 0
+    err = capsys.readouterr().err
+    header, _, end = err.partition("finished after 3 steps")
+    assert "warning:   skipped " in header and "broken.png" in header
+    assert "1 warning(s):\n  skipped " in end and "broken.png" in end
+
+
 def test_train_writes_the_embedding_then_refuses_to_overwrite_it(
     tmp_path: Path, model: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -150,7 +163,7 @@ def test_train_writes_the_embedding_then_refuses_to_overwrite_it(
     assert cli.main(train_args(model, image_folder, tmp_path, "--overwrite", steps=2)) == 0
     assert load_embedding(output).step == 2
     err = capsys.readouterr().err
-    assert "] 2/2 loss " in err and "it/s ETA" in err
+    assert "step 2/2 loss " in err and "it/s ETA" in err  # stderr is not a terminal here: plain lines
 
 
 def test_a_new_run_starts_a_new_loss_log(tmp_path: Path, model: Path, image_folder: Path) -> None:
@@ -169,12 +182,29 @@ def test_progress_bar_line() -> None:
         def flush(self) -> None:
             pass
 
+        def isatty(self) -> bool:
+            return True
+
     stream = Stream()
     progress = SimpleNamespace(
         step=2, total_steps=4, loss=0.5, smoothed_loss=0.25, learning_rate=0.005, it_per_s=2.0, eta_s=3725.0
     )
-    cli.ProgressBar(stream, width=8)(progress)
+    bar = cli.ProgressBar(stream, width=8)
+    bar(progress)
     assert stream.text == "\r[####....] 2/4 loss 0.5000 (avg 0.2500) lr 5.00e-03 2.00 it/s ETA 1:02:05  "
+    bar.end_line()  # e.g. before "stopped": the next message starts on its own line
+    assert stream.text.endswith("  \n")
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_twentieth_of_the_run() -> None:
+    lines = io.StringIO()  # not a terminal: a log file, a pipe, CI
+    bar = cli.ProgressBar(lines)
+    for step in range(1, 201):
+        bar(SimpleNamespace(step=step, total_steps=200, loss=0.5, smoothed_loss=0.25, learning_rate=0.005,
+                            it_per_s=20.0, eta_s=(200 - step) / 20))  # fmt: skip
+    text = lines.getvalue()
+    assert "\r" not in text and text.count("\n") == 20
+    assert text.splitlines()[0].startswith("step 10/200 loss 0.5000") and text.splitlines()[-1].startswith("step 200/")
 
 
 def stop_at_step(monkeypatch: pytest.MonkeyPatch, stop_step: int) -> None:
@@ -183,14 +213,12 @@ def stop_at_step(monkeypatch: pytest.MonkeyPatch, stop_step: int) -> None:
 
     monkeypatch.setattr(trainer, "REPORT_INTERVAL_S", 0.0)
 
-    def bar() -> Any:
-        def on_progress(p: Any) -> None:
+    class Bar(cli.ProgressBar):
+        def __call__(self, p: Any) -> None:
             if p.step == stop_step:
                 signal.raise_signal(signal.SIGINT)
 
-        return on_progress
-
-    monkeypatch.setattr(cli, "ProgressBar", bar)
+    monkeypatch.setattr(cli, "ProgressBar", Bar)
 
 
 def test_ctrl_c_stops_and_resume_continues_like_an_uninterrupted_run(
@@ -202,10 +230,13 @@ def test_ctrl_c_stops_and_resume_continues_like_an_uninterrupted_run(
     stopped = tmp_path / "stopped"
     with monkeypatch.context() as patch:
         stop_at_step(patch, 3)
-        assert cli.main(train_args(model, image_folder, stopped, "--save-every", "2", steps=6)) == 0
+        assert cli.main(train_args(model, image_folder, stopped, "--save-every", "2", steps=6)) == cli.EXIT_STOPPED
     err = capsys.readouterr().err
     assert "stopping after this step and saving" in err
     assert "stopped after 3 steps" in err
+    # On its own line, with the exact command that continues the run.
+    assert f"\nstopped at step 3; continue with:\n  python -m embedding_trainer train --model {model} --resume " in err
+    assert err.rstrip().endswith(str(stopped / "run"))
     assert signal.getsignal(signal.SIGINT) is not None
     assert getattr(signal.getsignal(signal.SIGINT), "__name__", "") != "on_interrupt"  # restored
     assert load_embedding(stopped / "out" / "my-cat.safetensors").step == 3
@@ -222,7 +253,7 @@ def test_ctrl_c_stops_and_resume_continues_like_an_uninterrupted_run(
     assert cli.main([*resume, "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "resuming at step 3 from" in err and "my-cat-000003.state.safetensors" in err
-    assert "finished after 6 steps" in err
+    assert "finished after 3 steps (resumed at step 3, now at 6)" in err  # its own steps and time
 
     resumed = load_embedding(stopped / "out" / "my-cat.safetensors")
     reference = load_embedding(straight / "out" / "my-cat.safetensors")
@@ -240,7 +271,7 @@ def test_resume_replaces_the_stopped_runs_own_embedding_without_overwrite(
 ) -> None:
     with monkeypatch.context() as patch:
         stop_at_step(patch, 2)
-        assert cli.main(train_args(model, image_folder, tmp_path, steps=4)) == 0
+        assert cli.main(train_args(model, image_folder, tmp_path, steps=4)) == cli.EXIT_STOPPED
     capsys.readouterr()
     resume = ["train", "--model", str(model), "--resume", str(tmp_path / "run"), "--max-steps", "4", "--quiet"]
     assert cli.main(resume) == 0, capsys.readouterr().err
@@ -404,3 +435,56 @@ def test_convert_to_pt_and_back_keeps_everything(tmp_path: Path, capsys: pytest.
     assert cli.main(["convert", str(src), str(pt), "--overwrite"]) == 0
     assert cli.main(["convert", str(src), str(tmp_path / "x.bin")]) == 2
     assert "cannot tell the layout from the suffix '.bin'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# render
+
+
+def test_render_draws_a_labelled_grid_with_the_embedding_and_its_trigger_changes_the_images(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        from diffusers import StableDiffusionPipeline  # noqa: F401
+    except (ImportError, RuntimeError) as error:  # diffusers 0.35 pipelines next to transformers 4.30
+        pytest.skip(f"diffusers pipelines unavailable: {error}")
+    from PIL import Image
+
+    from embedding_trainer.embedding_file import EmbeddingData, save_embedding
+    from embedding_trainer.standalone import render
+
+    def embedding(seed: int) -> Path:
+        vectors = {"clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed)) * 3}
+        return save_embedding(EmbeddingData("my-cat", vectors), tmp_path / f"e{seed}" / "my-cat.safetensors")
+
+    def draw(path: Path, out: str) -> np.ndarray:
+        args = ["render", "--model", str(model), "--embedding", str(path), "--prompt", "a photo of my-cat",
+                "--prompt", "my-cat on a sofa", "--seeds", "1", "2", "--steps", "2",
+                "--out", str(tmp_path / out)]  # fmt: skip
+        assert cli.main(args) == 0, capsys.readouterr().err
+        with Image.open(tmp_path / out) as grid:
+            assert grid.size == (render.LABEL_WIDTH + 2 * 64, render.HEADER_HEIGHT + 2 * 64)
+            return np.asarray(grid.convert("RGB"))[render.HEADER_HEIGHT :, render.LABEL_WIDTH :]
+
+    one, two = embedding(1), embedding(2)
+    assert not np.array_equal(draw(one, "a.png"), draw(two, "b.png"))  # the trigger's vectors reach the images
+    base = ["render", "--model", str(model), "--embedding", str(one), "--steps", "2"]
+    assert cli.main([*base, "--prompt", "a photo of a cat", "--out", str(tmp_path / "c.png")]) == 2
+    assert "no prompt contains a trigger" in capsys.readouterr().err
+    assert cli.main([*base, "--prompt", "my-cat", "--out", str(tmp_path / "a.png")]) == 2
+    assert "add --overwrite" in capsys.readouterr().err
+
+
+def test_convert_writes_a_picture_card_the_reader_reads_back(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from embedding_trainer.embedding_file import EmbeddingData, save_embedding
+
+    source = save_embedding(EmbeddingData("my-cat", {"clip_l": torch.randn(2, 32)}, step=9), tmp_path / "a.safetensors")
+    Image.new("RGB", (80, 48), (200, 120, 10)).save(tmp_path / "picture.jpg")
+    card = tmp_path / "my-cat.png"
+    assert cli.main(["convert", str(source), str(card), "--picture", str(tmp_path / "picture.jpg")]) == 0
+    assert load_embedding(card).layout == "webui_card" and load_embedding(card).step == 9
+    assert torch.equal(load_embedding(card).vectors["vec"], load_embedding(source).vectors["vec"])
+    with Image.open(card) as image:
+        assert image.size[1] == 48

@@ -390,7 +390,7 @@ def test_overwrite_refused_keeps_original_bytes(tmp_path: Path) -> None:
     original = path.read_bytes()
     with pytest.raises(EmbeddingFileError) as err:
         save_embedding(make_data("sd1", seed=2), path)
-    assert str(path) in str(err.value) and "overwrite=True" in str(err.value)
+    assert str(path) in str(err.value) and "--overwrite" in str(err.value)
     assert path.read_bytes() == original
     assert listing(tmp_path) == ["e.safetensors"]
 
@@ -481,7 +481,7 @@ def test_convert_round_trip_keeps_everything(tmp_path: Path) -> None:
     with pytest.raises(EmbeddingFileError, match="already exists"):
         convert_embedding(src, back)
     with pytest.raises(EmbeddingFileError, match="suffix"):
-        convert_embedding(src, tmp_path / "out.png")
+        convert_embedding(src, tmp_path / "out.jpg")
 
 
 def test_convert_foreign_and_sdxl(tmp_path: Path) -> None:
@@ -534,3 +534,69 @@ def test_the_same_embedding_saved_twice_has_the_same_hash_and_normal_permissions
     mask = os.umask(0)
     os.umask(mask)
     assert a.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("keys", [("clip_l",), ("clip_l", "clip_g")])
+def test_inspect_recognises_the_trainers_own_run_states(tmp_path: Path, capsys: pytest.CaptureFixture[str], keys):
+    import json
+
+    from embedding_trainer.run_state import save_state
+    from embedding_trainer.standalone import cli
+
+    leaves = {key: torch.randn(2, 32 if key == "clip_l" else 48, requires_grad=True) for key in keys}
+    optimizer = torch.optim.AdamW(list(leaves.values()))
+    for leaf in leaves.values():
+        leaf.grad = torch.ones_like(leaf)
+    optimizer.step()
+    path = tmp_path / "saves" / "my-cat-000004.state.safetensors"
+    path.parent.mkdir()
+    save_state(path, leaves, optimizer, None, 4, 10, json.dumps({"name": "my-cat"}))
+    info = ef.inspect_embedding(path)
+    assert (info["layout"], info["name"], info["step"], info["num_vectors"]) == ("embtrain_run_state", "my-cat", 14, 2)
+    assert set(info["encoders"]) == ({"vec"} if len(keys) == 1 else {"clip_l", "clip_g"})
+    assert cli.main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "resumable run state" in text and f"--resume {path}" in text and "my-cat-000004.safetensors" in text
+
+
+def test_a_onetrainer_output_embedding_and_an_old_format_parameter_dict_are_named_for_what_they_are(tmp_path: Path):
+    sdxl = {"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280),
+            "clip_l_out": torch.randn(2, 768), "clip_g_out": torch.randn(2, 1280)}  # fmt: skip
+    safetensors.torch.save_file(sdxl, str(tmp_path / "ot.safetensors"))
+    with pytest.raises(EmbeddingFileError, match="OneTrainer embedding saved with its output-embedding option"):
+        ef.load_embedding(tmp_path / "ot.safetensors")
+    # The original textual-inversion code's nn.ParameterDict in torch's pre-1.6 format: not malicious, just old.
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(2, 768))})
+    old = tmp_path / "old.pt"
+    torch.save({"string_to_param": params, "name": "old"}, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(EmbeddingFileError) as error:
+        ef.load_embedding(old)
+    assert "old-format torch file" in str(error.value) and "arbitrary code" not in str(error.value)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_picture_card_round_trips_through_its_text_chunk_and_through_its_data_bands_alone(tmp_path: Path, family):
+    from PIL import Image
+
+    data = make_data(family, seed=3)
+    picture = Image.new("RGB", (96, 64), (10, 200, 30))
+    path = ef.save_embedding(data, tmp_path / "my-cat.png", picture=picture)
+    read = ef.load_embedding(path)
+    assert read.layout == ("webui_card" if family == "sd1" else "sdxl_dict")
+    for key, vectors in data.vectors.items():
+        assert torch.equal(read.vectors["vec" if family == "sd1" else key], vectors)
+    if family == "sd1":
+        assert (read.name, read.step) == (data.name, data.step)
+    # The picture is in the middle, untouched; a copy without the text chunk (metadata stripped) still reads.
+    with Image.open(path) as card:
+        assert card.size[1] == 64 and card.text.get("sd-ti-embedding")
+        pixels = card.convert("RGB")
+        stripped = tmp_path / "stripped.png"
+        pixels.save(stripped)  # no pnginfo: only the pixel bands carry the embedding now
+    with Image.open(stripped) as copy:
+        assert "sd-ti-embedding" not in getattr(copy, "text", {})
+    again = ef.load_embedding(stripped)
+    assert all(torch.equal(again.vectors[k], read.vectors[k]) for k in read.vectors)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "plain.png")
+    with pytest.raises(EmbeddingFileError, match="a picture without an embedding in it"):
+        ef.load_embedding(tmp_path / "plain.png")

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from embedding_trainer.embedding_file import EmbeddingData, save_embedding  # noqa: E402
+from embedding_trainer.errors import EmbeddingFileError  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.toyworld import base_model, learning, world  # noqa: E402
 from embedding_trainer.toyworld.judges import load_judges  # noqa: E402
@@ -56,6 +57,7 @@ def test_a_multi_vector_embedding_is_loaded_by_diffusers_and_changes_the_images(
 
 
 def test_the_demo_writes_the_embedding_the_grid_and_the_scores(quick_model, tmp_path):
+    from embedding_trainer.toyworld import demo
     from embedding_trainer.toyworld.demo import run_demo
 
     report = run_demo(tmp_path / "demo", steps=3, model=quick_model)
@@ -64,8 +66,17 @@ def test_the_demo_writes_the_embedding_the_grid_and_the_scores(quick_model, tmp_
     assert set(saved["scores"]) == {"before", "after"} and saved["steps"] == 3
     from PIL import Image
 
-    with Image.open(report["grid"]) as grid:  # five rows of four 128 px tiles beside the labels
-        assert grid.size == (300 + 4 * 128, 5 * 128)
+    with Image.open(report["grid"]) as grid:  # a title, then five rows of four 128 px tiles beside the labels
+        assert grid.size == (demo.LABEL_WIDTH + 4 * 128, demo.TITLE_HEIGHT + 5 * 128)
+    # A second demo into its own folder replaces its results (the photos too) instead of refusing.
+    again = run_demo(tmp_path / "demo", steps=3, model=quick_model)
+    assert again["embedding"] == report["embedding"]
+    # A folder the demo did not make keeps its files: refused before anything is drawn there.
+    (tmp_path / "mine" / "embeddings").mkdir(parents=True)
+    (tmp_path / "mine" / "embeddings" / f"{report['trigger']}.safetensors").write_bytes(b"my own file")
+    with pytest.raises(EmbeddingFileError, match=r"--overwrite"):
+        run_demo(tmp_path / "mine", steps=3, model=quick_model)
+    assert not (tmp_path / "mine" / "photos").exists()
 
 
 def torch_from(array: np.ndarray):

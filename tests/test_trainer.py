@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -335,3 +338,80 @@ def test_steps_neither_wait_for_the_device_nor_walk_the_model(tmp_path, host, mo
     short, long = count_calls(4), count_calls(16)
     assert short == long, f"calls that grew with the steps: {dict(long - short)}"
     assert short["tolist"] >= 1  # the one report at the end (so the counting does see the loop's transfers)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_copied_run_folder_resumes_in_the_copy_and_never_replaces_another_runs_embedding(tmp_path, host):
+    steps = []
+    stop_at_2 = Callbacks(on_step=lambda step, vectors: steps.append(step), should_stop=lambda: len(steps) >= 2)
+    Trainer(config(tmp_path, max_steps=6), host, stop_at_2).run()
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    Trainer(config(tmp_path, max_steps=6, resume=str(tmp_path / "run")), host).run()  # the original finishes
+    original = _files(tmp_path / "run")
+    # The copy stopped at step 2; the embedding there now is the finished original's (step 6): not its own.
+    with pytest.raises(EmbeddingFileError, match=r"not the embedding the resumed run wrote .*--overwrite"):
+        Trainer(config(tmp_path, max_steps=6, resume=str(tmp_path / "copy")), host)
+    copy = config(tmp_path, max_steps=6, resume=str(tmp_path / "copy"), output_dir=str(tmp_path / "o2"))
+    result = Trainer(copy, host).run()
+    assert result.run_dir == tmp_path / "copy" and result.steps == 6
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["run_dir"] == str(tmp_path / "copy")
+    assert [row.split(",")[0] for row in (tmp_path / "copy" / "loss.csv").read_text().splitlines()[1:]] == [
+        "1", "2", "3", "4", "5", "6"]  # fmt: skip
+    assert _files(tmp_path / "run") == original  # loss.csv, config.json and last files untouched
+    assert load_embedding(tmp_path / "out" / "my-cat.safetensors").step == 6
+
+
+def test_loss_rows_up_to_each_save_are_on_disk_and_a_resume_from_an_earlier_save_continues_them(
+    tmp_path, host, monkeypatch
+):
+    monkeypatch.setattr(trainer_module, "REPORT_INTERVAL_S", float("inf"))  # rows reach the file at saves only
+    on_disk: dict[int, list[int]] = {}
+
+    def on_save(path: Path, step: int) -> None:
+        if path.parent.name == "saves":  # what a kill -9 right after this save would leave
+            rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]
+            on_disk[step] = [int(row.split(",")[0]) for row in rows]
+
+    steps = []
+    callbacks = Callbacks(on_save=on_save, on_step=lambda s, v: steps.append(s), should_stop=lambda: len(steps) >= 5)
+    Trainer(config(tmp_path, max_steps=8, save_every=2), host, callbacks).run()
+    assert on_disk[2] == [1, 2] and on_disk[4] == [1, 2, 3, 4]
+    earlier = tmp_path / "run" / "saves" / "my-cat-000002.state.safetensors"
+    Trainer(config(tmp_path, max_steps=8, save_every=2, resume=str(earlier), overwrite=True), host).run()
+    with open(tmp_path / "run" / "loss.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [int(row[0]) for row in rows] == list(range(1, 9))  # steps 3-5 of the first run were replaced
+    elapsed = [float(row[4]) for row in rows]
+    assert elapsed == sorted(elapsed) and elapsed[2] > elapsed[1]  # the resumed run's time continues the first's
+    assert all(math.isfinite(float(row[2])) for row in rows)
+
+
+def test_a_run_removes_the_temporary_files_a_killed_run_left(tmp_path, host):
+    leftovers = [tmp_path / "out" / ".my-cat.safetensors.a1b2.tmp", tmp_path / "run" / ".loss.csv.x9.tmp",
+                 tmp_path / "run" / "saves" / ".my-cat-000002.state.safetensors.q.tmp"]  # fmt: skip
+    other = tmp_path / "out" / ".someone-else.safetensors.zz.tmp"
+    for path in (*leftovers, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    Trainer(config(tmp_path, max_steps=2), host).run()
+    assert not any(path.exists() for path in leftovers)
+    assert other.exists()  # not this run's
+
+
+def test_a_picture_card_of_the_result_goes_into_the_run_folder_with_the_first_preview(tmp_path, host):
+    from PIL import Image
+
+    previews = tmp_path / "run" / "previews"
+    previews.mkdir(parents=True)
+    Image.new("RGB", (64, 48), (20, 180, 40)).save(previews / "my-cat-step000002.png")
+    result = Trainer(config(tmp_path, max_steps=2, write_card=True), host).run()
+    card = tmp_path / "run" / "my-cat.png"
+    assert card in result.extra_paths and not (tmp_path / "out" / "my-cat.png").exists()
+    data = load_embedding(card)
+    assert data.layout == "webui_card" and data.step == 2
+    assert torch.equal(data.vectors["vec"], load_embedding(result.embedding_path).vectors["vec"])
+    with Image.open(card) as image:
+        assert image.size[1] == 48  # the preview's height: the bands frame the first preview

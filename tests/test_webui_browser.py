@@ -58,6 +58,13 @@ def _value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
 
 
+def open_tab(page: Any, base: str) -> None:
+    """Load the WebUI's page (again) and open the Embedding Trainer tab."""
+    page.goto(base, timeout=180_000)
+    page.locator("#tabs button", has_text="Embedding Trainer").first.click(timeout=180_000)
+    page.locator("#embtrain_name").first.wait_for(timeout=30_000)
+
+
 @contextlib.contextmanager
 def tab_page(base: str, screenshot: Path) -> Iterator[Any]:
     """The Embedding Trainer tab in a fresh headless Chromium; a screenshot is left at ``screenshot`` either way."""
@@ -67,9 +74,7 @@ def tab_page(base: str, screenshot: Path) -> Iterator[Any]:
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
             page.errors = []
             page.on("pageerror", lambda error: page.errors.append(str(error)))
-            page.goto(base, timeout=180_000)
-            page.locator("#tabs button", has_text="Embedding Trainer").first.click(timeout=180_000)
-            page.locator("#embtrain_name").first.wait_for(timeout=30_000)
+            open_tab(page, base)
             try:
                 yield page
             finally:
@@ -166,3 +171,53 @@ def test_an_sdxl_checkpoint_gets_sdxl_defaults_on_page_load(tmp_path):
                      "no SDXL default resolution", timeout=60_000)  # fmt: skip
             learning_rate = _value(page, "embtrain_learning_rate")
     assert learning_rate == "0.002"
+
+
+def _chart(page: Any) -> dict[str, str]:
+    return page.evaluate("() => Object.assign({}, gradioApp().getElementById('embtrain_loss_canvas').dataset)")
+
+
+def _runs(page: Any) -> dict[str, Any]:
+    return page.evaluate("() => fetch('./embtrain/v1/runs').then(r => r.json())")
+
+
+def test_the_chart_follows_the_run_this_page_started_and_an_api_run_on_load(webui_ui, tmp_path):
+    """Two runs from the tab in a row, the page reloaded between them: each is charted as its own, during and after.
+    Then a run started through the API is followed live when the page loads."""
+    base, data = webui_ui
+    make_images(tmp_path / "images", count=4)
+    with tab_page(base, tmp_path / "embtrain-chart.png") as page:
+        for name, steps in (("chartone", 12), ("charttwo", 150)):
+            if name == "charttwo":
+                open_tab(page, base)  # a reload: the page knows nothing of the first run but what the API says
+            _fill(page, "embtrain_name", name)
+            _fill(page, "embtrain_images", str(tmp_path / "images"))
+            _fill(page, "embtrain_max_steps", str(steps))
+            page.locator("#embtrain_start").click()
+            if name == "charttwo":  # during the run: its own id, not the finished first run's
+                _wait_js(page, "() => gradioApp().getElementById('embtrain_loss_canvas').dataset.state === 'running'",
+                         "the second run is not charted while it runs")  # fmt: skip
+                assert _chart(page)["run"] == _runs(page)["active_id"]
+            result = f"() => gradioApp().querySelector('#embtrain_result').innerText.includes('{name}.safetensors')"
+            _wait_js(page, result, f"no result for {name}")
+            run_id = next(r["id"] for r in _runs(page)["runs"] if r["name"] == name)
+            _wait_js(page, f"""() => {{
+                const d = gradioApp().getElementById('embtrain_loss_canvas').dataset;
+                return d.run === '{run_id}' && d.state === 'finished' && Number(d.points) === {steps};
+            }}""", f"the chart does not show {name} finished with {steps} points")  # fmt: skip
+
+        # A run started through the API (another client) is followed live on page load.
+        started = page.evaluate("""(images) => fetch('./embtrain/v1/runs', {method: 'POST',
+            headers: {'Content-Type': 'application/json'},
+            body: JSON.stringify({name: 'apicat', images: images, max_steps: 100000})}).then(r => r.json())""",
+            str(tmp_path / "images"))  # fmt: skip
+        open_tab(page, base)
+        _wait_js(page, f"""() => {{
+            const d = gradioApp().getElementById('embtrain_loss_canvas').dataset;
+            return d.run === '{started["id"]}' && d.state === 'running' && Number(d.points) >= 3;
+        }}""", "the API's run is not followed on page load")  # fmt: skip
+        page.evaluate(f"() => fetch('./embtrain/v1/runs/{started['id']}/stop', {{method: 'POST'}})")
+        _wait_js(page, "() => gradioApp().getElementById('embtrain_loss_canvas').dataset.state === 'stopped'",
+                 "the followed run's end is not charted")  # fmt: skip
+        errors = page.errors
+    assert not [e for e in errors if "embtrain" in e.lower()], errors

@@ -13,8 +13,10 @@ trigger reports it in ``TI hashes`` with the file's hash, also after a forced re
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +26,10 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_images
+from PIL import Image
 from webui_launcher import MISSING, PYTHON, REGISTERED, WEBUI, checkpoint_name, running_webui
 
-from embedding_trainer.embedding_file import file_sha256, load_embedding
+from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
 
 pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
 
@@ -198,3 +201,74 @@ def test_medvram_previews_and_vae_in_ram(family, tmp_path):
         path = Path(run["result"]["embedding_path"])
         assert f'medcat: {file_sha256(path)[:12]}' in infotext(client, "a photo of medcat")
     assert "medvram" in (data / "webui.log").read_text(errors="replace")
+
+
+def test_api_auth_and_early_checks_as_a_client_of_the_real_host_sees_them(tmp_path: Path) -> None:
+    """With ``--api-auth`` every route asks for the credentials. The host reshapes every HTTP error raised in a route
+    or dependency into its own body and drops the ``WWW-Authenticate`` header; the README says so. A bad folder is
+    refused at submission (422, naming the field), and our own JSON error bodies pass through unchanged."""
+    def call(base: str, credentials: str | None, body: Any = None) -> tuple[int, dict[str, str], Any]:
+        method = "POST" if body is not None else "GET"
+        request = urllib.request.Request(base + "/embtrain/v1/runs", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None)  # fmt: skip
+        request.add_header("Content-Type", "application/json")
+        if credentials:
+            request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), json.loads(error.read())
+
+    with running_webui(tmp_path / "data", tmp_path / "tiny", with_ui=False, api_auth="alice:s3cret") as base:
+        missing = call(base, None)
+        wrong = call(base, "alice:nope")
+        listed = call(base, "alice:s3cret")
+        bad_folder = call(base, "alice:s3cret", {"name": "authcat", "images": str(tmp_path / "nowhere")})
+    assert missing[0] == 401 and missing[2] == {"error": "HTTPException", "detail": "Authentication required",
+                                                "body": "", "errors": ""}  # fmt: skip
+    assert wrong[0] == 401 and wrong[2]["detail"] == "Incorrect username or password"
+    assert "www-authenticate" not in {k.lower() for k in missing[1]}
+    assert listed[0] == 200 and listed[2]["runs"] == []
+    assert bad_folder[0] == 422 and bad_folder[2]["detail"][0]["field"] == "images"
+
+
+_THEIR_CARD = """
+import sys
+sys.path.insert(0, ".")
+import torch
+from PIL import Image, PngImagePlugin
+from modules.textual_inversion.image_embedding import embedding_to_b64, insert_image_data_embed
+
+vec = torch.load(sys.argv[1])
+data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": "theircard", "step": 7}
+card = insert_image_data_embed(Image.new("RGB", (64, 64), (90, 90, 90)), data)
+info = PngImagePlugin.PngInfo()
+info.add_text("sd-ti-embedding", embedding_to_b64(data))
+card.save(sys.argv[2], pnginfo=info)
+card.save(sys.argv[3])  # the bands alone
+"""
+
+
+def test_picture_cards_load_both_ways(webui, tmp_path: Path) -> None:
+    """Our card loads in the WebUI's embedding loader, and the WebUI's own cards (text chunk, or bands alone) load
+    in ours with the same vectors."""
+    if webui.family != "sd1":
+        pytest.skip("the WebUI writes cards only for single-encoder embeddings")
+    width = 32  # the tiny SD1's CLIP width
+    ours = torch.randn(2, width, generator=torch.Generator().manual_seed(5))
+    picture = Image.new("RGB", (64, 64), (30, 60, 200))
+    save_embedding(EmbeddingData("ourcard", {"clip_l": ours}, step=3), webui.data / "embeddings" / "ourcard.png",
+                   picture=picture)  # fmt: skip
+    assert webui.request("POST", "/sdapi/v1/refresh-embeddings")[0] == 200
+    loaded = webui.request("GET", "/sdapi/v1/embeddings")[1]["loaded"]
+    assert loaded["ourcard"]["vectors"] == 2 and loaded["ourcard"]["shape"] == width and loaded["ourcard"]["step"] == 3
+
+    torch.save(ours * 2, tmp_path / "vec.pt")
+    text_card, band_card = tmp_path / "theircard.png", tmp_path / "theircard-bands.png"
+    subprocess.run([PYTHON, "-c", _THEIR_CARD, str(tmp_path / "vec.pt"), str(text_card), str(band_card)], cwd=WEBUI,
+                   check=True, timeout=300)  # fmt: skip
+    for card in (text_card, band_card):
+        data = load_embedding(card)
+        assert (data.name, data.step, data.layout) == ("theircard", 7, "webui_card")
+        assert torch.equal(data.vectors["vec"], ours * 2)

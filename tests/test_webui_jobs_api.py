@@ -8,6 +8,7 @@ what the WebUI's ``shared.state`` would receive.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -353,8 +354,9 @@ def test_start_sync_runs_in_the_callers_thread_without_taking_the_lock_again(tmp
 
     bridge = RecordingBridge()
     client, manager = api(run_exclusively=run_exclusively, bridge=bridge)
-    status = manager.start_sync(TrainConfig(**body(tmp_path, max_steps=2)))
+    status = manager.start_sync(TrainConfig(**body(tmp_path, max_steps=2)), task_id="task(abc12)")
     assert status["state"] == "finished" and status["step"] == 2
+    assert status["task_id"] == "task(abc12)"  # the page that started it finds it by this id
     assert calls == []  # the tab calls it inside wrap_gradio_gpu_call, which already holds the (non-reentrant) lock
     assert bridge.threads == {threading.current_thread().name}
     status = manager.start_sync(body(tmp_path, max_steps=2, overwrite=True), exclusive=True)
@@ -428,8 +430,14 @@ def test_stopping_a_queued_run_ends_it_before_it_starts(tmp_path, api):
 # Failures reach the API
 
 
-def missing_images(tmp_path: Path, host: DiffusersHost) -> tuple[dict[str, Any], Any]:
-    return body(tmp_path, images=str(tmp_path / "nowhere")), (lambda config: host)
+def images_gone_while_queued(tmp_path: Path, host: DiffusersHost) -> tuple[dict[str, Any], Any]:
+    payload = body(tmp_path)
+
+    def make_host(config: TrainConfig) -> Any:
+        shutil.rmtree(payload["images"])  # checked at submission, gone by the time the run starts
+        return host
+
+    return payload, make_host
 
 
 def broken_denoiser(tmp_path: Path, host: DiffusersHost) -> tuple[dict[str, Any], Any]:
@@ -450,7 +458,7 @@ def bad_timestep(tmp_path: Path, host: DiffusersHost) -> tuple[dict[str, Any], A
 @pytest.mark.parametrize(
     "case, error_type, error_start, error_field",
     [
-        (missing_images, "DatasetError", "DatasetError: images: folder '", None),
+        (images_gone_while_queued, "DatasetError", "DatasetError: images: folder '", "images"),
         (
             broken_denoiser,
             "TrainingError",
@@ -643,3 +651,54 @@ def test_on_finished_runs_once_inside_the_exclusive_section(tmp_path, api):
     wait_done(client, run_id)
     # Inside the lock, and before clients can see the run as ended (so they never read a half-published result).
     assert seen == [("running", "TrainResult", True)]
+
+
+def test_warnings_of_a_run_reach_its_status(tmp_path, api):
+    """A corrupt image among good ones and a trigger the model knows as one word train, and both say so."""
+    client, _ = api()
+    payload = body(tmp_path, name="cat")
+    (Path(payload["images"]) / "broken.png").write_bytes(b"not a png")
+    status = wait_done(client, start(client, payload))
+    assert status["state"] == "finished", status["error"]
+    warnings = status["warnings"]
+    assert any(w.startswith("skipped ") and "broken.png" in w for w in warnings), warnings
+    assert any("'cat' is a word the model already knows" in w for w in warnings), warnings
+    assert client.get(f"{V1}/runs").json()["runs"][0]["warnings"] == warnings
+
+
+def _no_name_template(tmp_path: Path) -> dict[str, Any]:
+    template = tmp_path / "no-name.txt"
+    template.write_text("a photo of [filewords]\na photo of a [name]\n", encoding="utf-8")
+    return {"template": str(template)}
+
+
+def _folder(tmp_path: Path, files: dict[str, bytes]) -> dict[str, Any]:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {"images": str(folder)}
+
+
+@pytest.mark.parametrize(
+    "changes, field, words",
+    [
+        (lambda tmp: {"images": str(tmp / "nowhere")}, "images", "does not exist; check the path"),
+        (lambda tmp: _folder(tmp, {}), "images", "no images"),
+        (lambda tmp: _folder(tmp, {"notes.txt": b"hello"}), "images", "no images"),
+        (lambda tmp: _folder(tmp, {"a.png": b"not a png", "b.png": b"nor this"}), "images", "readable image"),
+        (_no_name_template, "template", "line 1 lacks [name]"),
+        (lambda tmp: {"template": str(tmp / "missing.txt")}, "template", "does not exist"),
+        (lambda tmp: {"init_mode": "file", "init_file": str(tmp / "none.pt")}, "init_file", "does not exist"),
+        (lambda tmp: {"resume": str(tmp / "no-run")}, "resume", "neither a state file"),
+    ],
+    ids=["missing-folder", "empty-folder", "no-images", "unreadable-images", "template-without-name",
+         "missing-template", "missing-init-file", "missing-resume"],
+)
+def test_inputs_that_can_be_checked_before_queueing_are_422_naming_the_field(tmp_path, api, changes, field, words):
+    client, manager = api()
+    response = client.post(f"{V1}/runs", json=body(tmp_path, **changes(tmp_path)))
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["field"] == field and words in detail["message"], detail
+    assert manager.list_runs() == []  # nothing was queued

@@ -44,6 +44,13 @@ def test_dataset_check_lists_problems(tmp_path):
     report = tab.check_dataset(str(tmp_path / "bad"))
     text = " ".join(report.problems)
     assert "broken.png" in text and "tiny image" in text and "without a caption" in text
+    # Without [filewords] in the template, captions are never read: a missing caption file is no problem.
+    make_images(tmp_path / "plain", count=2, captions=False)
+    assert tab.check_dataset(str(tmp_path / "plain"), template="subject").problems == []
+    with_captions = tab.check_dataset(str(tmp_path / "plain"), template="subject_filewords")
+    assert "without a caption" in " ".join(with_captions.problems)
+    missing_template = tab.check_dataset(str(tmp_path / "plain"), template=str(tmp_path / "none.txt")).problems
+    assert any(p.startswith("template: ") and "does not exist" in p for p in missing_template)
     missing = tab.check_dataset(str(tmp_path / "nowhere"))
     assert not missing.ok and "Cannot use" in missing.summary
 
@@ -57,3 +64,5 @@ def test_name_warnings_and_result_summary():
     html = tab.result_html({**status, "resolution": 64})
     assert "/e/x.safetensors" in html and "0.5" in html and "64 px" in html
     assert "embtrain-error" in tab.result_html({"error": "Boom: bad"})
+    warned = tab.result_html({**status, "warnings": ["skipped /d/broken.png: cannot decode"]})
+    assert "embtrain-warning" in warned and "broken.png" in warned

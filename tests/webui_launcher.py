@@ -9,6 +9,7 @@ That registration is test tooling, not part of the product's extension.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -96,9 +97,10 @@ def running_webui(
     extra_args: Sequence[str] = (),
     model: Path | None = None,
     extra_scripts: Mapping[str, str] | None = None,
+    api_auth: str | None = None,
 ) -> Iterator[str]:
     """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers; raises
-    ``WebUIStartError`` if it does not."""
+    ``WebUIStartError`` if it does not. ``api_auth`` ("user:password") starts it with ``--api-auth``."""
     checkpoint = prepare_data_folder(data, models, family, model, extra_scripts)
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
@@ -108,6 +110,7 @@ def running_webui(
         "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
         "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model", "--data-dir", str(data),
         "--ckpt", str(checkpoint), *([] if with_ui else ["--nowebui"]), *extra_args,
+        *(["--api-auth", api_auth] if api_auth else []),
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     with open(data / "webui.log", "wb") as log:
@@ -120,7 +123,10 @@ def running_webui(
                 started = b"Startup time:" in (data / "webui.log").read_bytes()
                 with contextlib.suppress(OSError):
                     if started:
-                        with urllib.request.urlopen(base + "/embtrain/v1/runs", timeout=10) as response:
+                        probe = urllib.request.Request(base + "/embtrain/v1/runs")
+                        if api_auth:
+                            probe.add_header("Authorization", "Basic " + base64.b64encode(api_auth.encode()).decode())
+                        with urllib.request.urlopen(probe, timeout=10) as response:
                             if response.status == 200:
                                 break
                 if process.poll() is not None or time.monotonic() > deadline:

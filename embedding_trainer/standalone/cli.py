@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -55,12 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
 
+    render = sub.add_parser(
+        "render",
+        help="draw images with embeddings on a diffusers model: a grid, a row per prompt, a column per seed",
+    )
+    render.add_argument("--model", required=True, help="diffusers model folder (with model_index.json)")
+    render.add_argument("--embedding", action="append", required=True, metavar="FILE",
+                        help="embedding file; its trigger is the name stored in it (repeat for several)")  # fmt: skip
+    render.add_argument("--prompt", action="append", required=True, help="a prompt with a trigger (repeat for rows)")
+    render.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4], help="one column per seed")
+    render.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    render.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    render.add_argument("--size", type=int, default=None, help="pixels (default: the model's own)")
+    render.add_argument("--negative", default="", help="negative prompt")
+    render.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    render.add_argument("--out", default="render.png", help="the grid's PNG file (default render.png)")
+    render.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     inspect = sub.add_parser("inspect", help="describe an embedding file")
     inspect.add_argument("file")
 
     convert = sub.add_parser("convert", help="convert an embedding file between layouts (by the output suffix)")
     convert.add_argument("input")
-    convert.add_argument("output", help="*.safetensors or *.pt (the WebUI's layout)")
+    convert.add_argument("output", help="*.safetensors, *.pt (the WebUI's layout) or *.png (the WebUI's picture card)")
+    convert.add_argument("--picture", help="for a .png card: the image it shows (default: a plain tile)")
     convert.add_argument("--overwrite", action="store_true")
 
     demo = sub.add_parser(
@@ -115,7 +134,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
         values.update(json.loads(load_state(find_state(args.resume))[1]["config"]))
     if args.config:
-        loaded = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        config_file = Path(args.config)
+        if not config_file.is_file():
+            raise ConfigError("config", f"--config {args.config}: no such file; give the path of a JSON file of fields")
+        loaded = json.loads(config_file.read_text(encoding="utf-8"))
         if not isinstance(loaded, dict):
             raise ConfigError("config", f"{args.config} must hold a JSON object of fields, got {type(loaded).__name__}")
         values.update(loaded)
@@ -124,27 +146,49 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 class ProgressBar:
-    """One status line on stderr: bar, step, loss, rate and ETA."""
+    """Progress on stderr: on a terminal one status line redrawn in place (bar, step, loss, rate, ETA); otherwise
+    (a log file, a pipe, CI) a plain line every twentieth of the run or every 30 seconds."""
+
+    LINES_PER_RUN = 20
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self, stream: Any = None, width: int = 24):
         self.stream, self.width = stream if stream is not None else sys.stderr, width  # stderr as it is now
-        self.last = 0.0
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.last = 0.0 if self.interactive else time.monotonic()  # plain lines: the 30 s clock starts now
+        self.open_line = False  # a redrawn line without its newline yet
 
     def __call__(self, p: Any) -> None:
         now = time.monotonic()
-        if now - self.last < 0.1 and p.step < p.total_steps:
+        eta = _duration(p.eta_s) if p.eta_s != float("inf") else "?"
+        text = (
+            f"{p.step}/{p.total_steps} loss {p.loss:.4f} (avg {p.smoothed_loss:.4f}) lr {p.learning_rate:.2e} "
+            f"{p.it_per_s:.2f} it/s ETA {eta}"
+        )
+        done = p.step >= p.total_steps
+        if not self.interactive:
+            every = max(1, p.total_steps // self.LINES_PER_RUN)
+            if done or p.step % every == 0 or now - self.last >= self.PLAIN_EVERY_S:
+                self.last = now
+                self.stream.write(f"step {text}\n")
+                self.stream.flush()
+            return
+        if now - self.last < 0.1 and not done:
             return
         self.last = now
         filled = int(self.width * p.step / p.total_steps)
-        eta = _duration(p.eta_s) if p.eta_s != float("inf") else "?"
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {p.step}/{p.total_steps} "
-            f"loss {p.loss:.4f} (avg {p.smoothed_loss:.4f}) lr {p.learning_rate:.2e} "
-            f"{p.it_per_s:.2f} it/s ETA {eta}  "
-        )
-        if p.step >= p.total_steps:
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {text}  ")
+        self.open_line = not done
+        if done:
             self.stream.write("\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """End a redrawn line, so what is printed next starts on its own line."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
 
 
 def _duration(seconds: float) -> str:
@@ -186,10 +230,19 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
     Returns the ``Trainer`` and its ``TrainResult``.
     """
     from ..hosts.diffusers_host import DiffusersHost
-    from ..trainer import COMPUTE_DTYPES, Callbacks, Trainer, check_output_free, resolve_device, resolve_precision
+    from ..trainer import (
+        COMPUTE_DTYPES,
+        Callbacks,
+        Trainer,
+        check_inputs,
+        check_output_free,
+        resolve_device,
+        resolve_precision,
+    )
 
     config.require_for_training()
     check_output_free(config)  # before minutes of model loading
+    check_inputs(config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("loading %s on %s (%s)", model, device, precision)
@@ -202,7 +255,8 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         stop["asked"] = True
         logger.warning("\nstopping after this step and saving (Ctrl-C again to abort)")
 
-    callbacks = Callbacks(on_progress=ProgressBar() if show_progress else None, should_stop=lambda: stop["asked"])
+    bar = ProgressBar() if show_progress else None
+    callbacks = Callbacks(on_progress=bar, should_stop=lambda: stop["asked"])
     trainer = Trainer(config, host, callbacks)
     logger.info("%s", trainer.describe())
     previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -210,12 +264,17 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         result = trainer.run()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.end_line()
     verb = "stopped" if result.stopped else "finished"
     threads = f", {result.cpu_threads.describe()}" if result.cpu_threads and device.type == "cpu" else ""
+    this_run = result.steps - trainer.start_step  # a resumed run reports its own steps and time
+    resumed = f" (resumed at step {trainer.start_step}, now at {result.steps})" if trainer.start_step else ""
     logger.info(
-        "%s after %d steps in %s at %d px%s, loss %.4f (avg %.4f)\nembedding: %s%s",
+        "%s after %d steps%s in %s at %d px%s, loss %.4f (avg %.4f)\nembedding: %s%s",
         verb,
-        result.steps,
+        this_run,
+        resumed,
         _duration(result.elapsed_s),
         result.resolution,
         threads,
@@ -224,7 +283,36 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         result.embedding_path,
         "".join(f"\n also:     {p}" for p in result.extra_paths),
     )
+    if trainer.warnings:
+        logger.warning("%d warning(s):%s", len(trainer.warnings), "".join(f"\n  {w}" for w in trainer.warnings))
+    if result.stopped:
+        command = ["python", "-m", "embedding_trainer", "train", "--model", model, "--resume", str(result.run_dir)]
+        logger.warning("stopped at step %d; continue with:\n  %s", result.steps, shlex.join(command))
     return trainer, result
+
+
+def _render(args: argparse.Namespace) -> Path:
+    import io
+
+    from ..embedding_file import write_atomically
+    from .render import render_grid
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError("out", f"{out} already exists; choose another --out or add --overwrite")
+    if out.suffix.lower() != ".png":
+        raise ConfigError("out", f"{out} must be a .png file")
+    grid = render_grid(args.model, args.embedding, args.prompt, args.seeds, steps=args.steps, guidance=args.guidance,
+                       size=args.size, negative=args.negative, device=args.device)  # fmt: skip
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out, lambda f: f.write(png.getvalue()), overwrite=True)
+    return out
+
+
+#: The exit status of a training run stopped by Ctrl-C (what a shell reports for SIGINT): it saved, but did not finish.
+EXIT_STOPPED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command == "train":
-            run_training(config_from_args(args), args.model, show_progress=not args.quiet)
+            _, result = run_training(config_from_args(args), args.model, show_progress=not args.quiet)
+            if result.stopped:
+                return EXIT_STOPPED
+        elif args.command == "render":
+            print(_render(args))
         elif args.command == "inspect":
             from ..embedding_file import format_inspection, inspect_embedding
 
@@ -245,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "convert":
             from ..embedding_file import convert_embedding
 
-            print(convert_embedding(args.input, args.output, overwrite=args.overwrite))
+            print(convert_embedding(args.input, args.output, overwrite=args.overwrite, picture=args.picture))
         elif args.command == "demo":
             from ..toyworld.demo import run_demo
 

@@ -24,11 +24,15 @@ from PIL import Image, ImageDraw
 from ..config import TrainConfig
 from ..embedding_file import EmbeddingData, save_embedding
 from ..log import logger
+from ..standalone.drawing import label_font, wrap_text
 from . import learning, world
 from .base_model import load_model, sample
 
 CELL = 128  # pixels per image in the grid (the world's 64 px images, doubled)
-LABEL_WIDTH = 300
+LABEL_WIDTH = 340
+TITLE_HEIGHT = 56
+#: Marks a folder as the demo's own: a second demo run there replaces what the first one wrote.
+MARKER = ".embtrain-demo"
 
 
 def run_demo(
@@ -42,13 +46,14 @@ def run_demo(
 ) -> dict[str, object]:
     from ..initialization import vectors_from_text
     from ..standalone.cli import run_training
+    from ..trainer import check_output_free
     from .judges import load_judges
 
     if not (Path(model) / "model_index.json").is_file():
         raise FileNotFoundError(f"{model}: no toy model there (model_index.json is missing)")
     held_out = world.HELD_OUT_CONCEPTS[concept]
-    photos = learning.write_user_photos(held_out, out / "photos", count=4, seed=seed)
-    logger.info("drew %d photos of the held-out concept '%s' in %s", len(photos), concept, photos[0].parent)
+    # A folder a previous demo wrote (its marker is there) is the demo's own: this run replaces its results.
+    overwrite = overwrite or (out / MARKER).is_file()
     config = TrainConfig(
         name=learning.TRIGGER,
         images=str(out / "photos"),
@@ -61,6 +66,11 @@ def run_demo(
         overwrite=overwrite,
         device="cpu",
     )
+    check_output_free(config)  # before anything is drawn into a folder that is not the demo's
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `python -m embedding_trainer demo`; a demo run here replaces its results\n")
+    photos = learning.write_user_photos(held_out, out / "photos", count=4, seed=seed)
+    logger.info("drew %d photos of the held-out concept '%s' in %s", len(photos), concept, photos[0].parent)
     trainer, result = run_training(config, str(model))
     before_path = out / "before" / f"{learning.TRIGGER}.safetensors"
     before = vectors_from_text(trainer.host, config.init_text, config.num_vectors)
@@ -68,12 +78,13 @@ def run_demo(
 
     base = load_model(model)
     judges = load_judges()
-    scores = {
-        "before": learning.score_embedding(base, judges, held_out, before_path, seed=seed),
-        "after": learning.score_embedding(base, judges, held_out, result.embedding_path, seed=seed),
-    }
+    scores = {}
+    for when, path in (("before", before_path), ("after", result.embedding_path)):
+        logger.info("judging %s training: drawing 40 images with the trigger and asking the judges", when)
+        scores[when] = learning.score_embedding(base, judges, held_out, path, seed=seed)
     grid = out / "grid.png"
-    draw_grid(base, held_out, photos, before_path, result.embedding_path, seed).save(grid)
+    logger.info("drawing %s", grid)
+    draw_grid(base, judges, held_out, photos, before_path, result.embedding_path, seed, result.steps).save(grid)
     report = {
         "concept": concept,
         "description": held_out.description,
@@ -95,26 +106,50 @@ def run_demo(
 
 
 def draw_grid(
-    model: object, concept: world.HeldOutConcept, photos: list[Path], before: Path, after: Path, seed: int
+    model: object,
+    judges: object,
+    concept: world.HeldOutConcept,
+    photos: list[Path],
+    before: Path,
+    after: Path,
+    seed: int,
+    steps: int,
 ) -> Image.Image:
-    """Rows: the photos; the trigger before and after training; two new compositions after training."""
+    """A title, then rows: the photos; the trigger before and after training; two new compositions after training.
+    Each row says what it is and the judges' verdict on it (how many images show what the row asks for)."""
     columns = len(photos)
     trigger = learning.TRIGGER
-    first = world.reconstruction_prompts(concept, trigger)[0].prompt
-    edits = [case.prompt for case in world.edit_cases(concept, trigger, 2, seed=seed)]
-    rows: list[tuple[str, np.ndarray]] = [("user photos (training images)", _load(photos))]
-    for label, path, prompt in (("before", before, first), ("after", after, first)):
-        rows.append((f"{label}: {prompt}", _draw(model, path, [prompt] * columns, seed)))
-    for prompt in edits:
-        rows.append((f"after: {prompt}", _draw(model, after, [prompt] * columns, seed)))
-    grid = Image.new("RGB", (LABEL_WIDTH + columns * CELL, len(rows) * CELL), "white")
+    first = world.reconstruction_prompts(concept, trigger)[0]
+    edits = world.edit_cases(concept, trigger, 2, seed=seed)
+    rows: list[tuple[str, np.ndarray, dict[str, str]]] = [
+        ("the user's photos (training images)", _load(photos), first.expected)
+    ]
+    for label, path in (("before training", before), (f"after {steps} steps", after)):
+        drawn = _draw(model, path, [first.prompt] * columns, seed)
+        rows.append((f"{label}: \"{first.prompt}\"", drawn, first.expected))
+    for case in edits:
+        rows.append((f"after: \"{case.prompt}\"", _draw(model, after, [case.prompt] * columns, seed), case.expected))
+    grid = Image.new("RGB", (LABEL_WIDTH + columns * CELL, TITLE_HEIGHT + len(rows) * CELL), "white")
     draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        for line, text in enumerate(_wrap(label, 40)):
-            draw.text((8, r * CELL + 8 + 14 * line), text, fill="black")
+    title = f"Embedding Trainer demo: '{trigger}' learns the toy world's {concept.name} from {columns} photos"
+    draw.text((10, 8), title, fill="black", font=label_font(20))
+    draw.text((10, 34), "right of each label: what the toy model draws; the verdict is the judges'", fill="dimgray",
+              font=label_font(14))  # fmt: skip
+    row_font = label_font(15)
+    for r, (label, images, expected) in enumerate(rows):
+        top = TITLE_HEIGHT + r * CELL
+        judged = {k: v for k, v in expected.items() if k in getattr(judges, "classes", {})}
+        hits = int(np.sum(judges.shows(images, judged))) if judged else 0  # type: ignore[attr-defined]
+        wanted = ", ".join(f"{k} {v}" for k, v in judged.items())
+        label_lines = wrap_text(label, 36)
+        verdict = wrap_text(f"judges: {hits}/{len(images)} show {wanted}", 36)
+        verdict_colour = "darkgreen" if hits == len(images) else "firebrick"
+        for line, text in enumerate([*label_lines, *verdict]):
+            colour = "black" if line < len(label_lines) else verdict_colour
+            draw.text((8, top + 8 + 19 * line), text, fill=colour, font=row_font)
         for c, image in enumerate(images):
             tile = Image.fromarray(image).resize((CELL, CELL), Image.NEAREST)
-            grid.paste(tile, (LABEL_WIDTH + c * CELL, r * CELL))
+            grid.paste(tile, (LABEL_WIDTH + c * CELL, top))
     return grid
 
 
@@ -125,14 +160,3 @@ def _draw(model: object, path: Path, prompts: list[str], seed: int) -> np.ndarra
 
 def _load(paths: list[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line]

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ConfigError, EmbeddingFileError
+from ..errors import ConfigError, DatasetError, EmbeddingFileError
 from .jobs import PreviewOptions, RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
 
 PREFIX = "/embtrain/v1"
@@ -88,15 +88,19 @@ def register_routes(
             return _invalid("body", f"is not valid JSON ({error})")
         if not isinstance(body, dict):
             return _invalid("body", f"expected a JSON object of config fields, got {type(body).__name__}")
+        launches: list[Callable[[], None]] = []
         try:
             preview = PreviewOptions.pop_from(body)
-            job_id = manager.start(body, preview=preview, launch=on_server_workers)
-        except ConfigError as error:
-            return _invalid(error.field, _message(error))
+            # Off the event loop: the checks read the template and every image.
+            job_id = await run_in_threadpool(lambda: manager.start(body, preview=preview, launch=launches.append))
+        except (ConfigError, DatasetError) as error:
+            return _invalid(error.field or "body", _message(error))
         except RunActiveError as error:
             return JSONResponse({"detail": str(error), "active_id": error.active_id}, status_code=409)
         except EmbeddingFileError as error:  # the embedding exists and overwrite is off: a conflict, not a bad field
             return JSONResponse({"detail": str(error)}, status_code=409)
+        for work in launches:  # now that the worker that ran the checks is free again: the run gets it
+            on_server_workers(work)
         status = manager.status(job_id)
         return JSONResponse({"id": job_id, "state": status["state"], "url": f"{base(request)}/runs/{job_id}"})
 
@@ -158,7 +162,9 @@ def register_routes(
 def basic_auth_dependency(credentials: Mapping[str, str]) -> Callable[..., None]:
     """A FastAPI dependency that admits HTTP Basic requests matching one ``user -> password`` pair.
 
-    Failures answer 401 with ``WWW-Authenticate: Basic``. Comparison is constant-time (``secrets.compare_digest``
+    Failures raise a 401 ``HTTPException`` with ``WWW-Authenticate: Basic``. Inside the WebUI its exception handler
+    turns that into ``{"error": "HTTPException", "detail": <the detail>, "body": "", "errors": ""}`` and drops the
+    header (seen on v1.10.1; the README tells clients). Comparison is constant-time (``secrets.compare_digest``
     on UTF-8 bytes) and checks every pair, so timing reveals neither which user exists nor how much matched.
     """
     if not credentials:
@@ -190,8 +196,8 @@ def _not_found(error: RunNotFoundError) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=404)
 
 
-def _message(error: ConfigError) -> str:
-    """The message without the ``field: `` prefix that ``ConfigError`` puts in front."""
+def _message(error: ConfigError | DatasetError) -> str:
+    """The message without the ``field: `` prefix that both errors put in front."""
     text = str(error)
     prefix = f"{error.field}: "
     return text[len(prefix) :] if text.startswith(prefix) else text

@@ -24,7 +24,7 @@ from ..config import TrainConfig, field_kind
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..host import Host
 from ..log import logger
-from ..trainer import Callbacks, Progress, Trainer, TrainResult, check_output_free
+from ..trainer import Callbacks, Progress, Trainer, TrainResult, check_inputs, check_output_free
 
 T = TypeVar("T")
 
@@ -172,6 +172,7 @@ class RunRecord:
     started_at: float | None = None
     finished_at: float | None = None
     resolution: int | None = None  # pixels, as the run resolved it (the checkpoint's own when the config said 0)
+    task_id: str | None = None  # the WebUI task that started it (the tab's page follows its own run by this id)
     cpu_threads: str | None = None  # the CPU thread setup of the run's loop, and why (None: not decided yet)
     ended: threading.Event = field(default_factory=threading.Event, repr=False)  # set once the run is over
 
@@ -207,6 +208,7 @@ class RunRecord:
             **self.preview.to_dict(),
             "warnings": list(self.warnings),
             "resolution": self.resolution,
+            "task_id": self.task_id,
             "cpu_threads": self.cpu_threads,
             "stop_requested": self.stop_requested,
             "created_at": self.created_at,
@@ -282,15 +284,21 @@ class RunManager:
         return record.id
 
     def start_sync(
-        self, config: TrainConfig | dict[str, Any], *, preview: PreviewOptions | None = None, exclusive: bool = False
+        self,
+        config: TrainConfig | dict[str, Any],
+        *,
+        preview: PreviewOptions | None = None,
+        exclusive: bool = False,
+        task_id: str | None = None,
     ) -> dict[str, Any]:
         """Run ``config`` in the caller's thread and return the final :meth:`status`.
 
         For callers that already hold the GPU queue lock (the tab, inside ``wrap_gradio_gpu_call``), so by default
         it does NOT call ``run_exclusively`` (the WebUI's lock is not re-entrant); ``exclusive=True`` takes it.
         Validation errors and ``RunActiveError`` are raised; errors during the run end up in the status.
+        ``task_id``: the caller's WebUI task, recorded so the page that started the run can find it.
         """
-        record = self._create(config, preview)
+        record = self._create(config, preview, task_id)
         self._run(record, exclusive)
         return self.status(record.id)
 
@@ -360,7 +368,9 @@ class RunManager:
             raise RunNotFoundError(job_id)
         return record
 
-    def _create(self, config: TrainConfig | dict[str, Any], preview: PreviewOptions | None) -> RunRecord:
+    def _create(
+        self, config: TrainConfig | dict[str, Any], preview: PreviewOptions | None, task_id: str | None = None
+    ) -> RunRecord:
         if isinstance(config, TrainConfig):
             config = config.replace()  # a private, re-validated copy: later changes by the caller do not leak in
         elif isinstance(config, dict):
@@ -369,6 +379,7 @@ class RunManager:
             raise ConfigError("config", f"expected a TrainConfig or an object of fields, got {type(config).__name__}")
         config.require_for_training()
         check_output_free(config)  # refuse at once rather than after the model and images are prepared
+        check_inputs(config)
         preview = preview or PreviewOptions()
         if preview.every and self._preview is None:
             raise ConfigError("preview_every", "previews are not available here; use 0")
@@ -380,6 +391,7 @@ class RunManager:
                 config=config,
                 preview=preview,
                 total_steps=config.max_steps,
+                task_id=task_id,
             )
             self._records[record.id] = record
             self._active = record.id
@@ -499,7 +511,13 @@ class RunManager:
             with self._lock:
                 record.previews.extend((step, str(Path(p))) for p in paths)
 
-        return Callbacks(on_progress=on_progress, on_status=on_status, on_step=on_step, should_stop=should_stop)
+        return Callbacks(
+            on_progress=on_progress,
+            on_status=on_status,
+            on_warning=lambda text: self._warn(record, text),
+            on_step=on_step,
+            should_stop=should_stop,
+        )
 
     def _succeed(self, record: RunRecord, result: TrainResult) -> None:
         with self._lock:
@@ -530,7 +548,7 @@ class RunManager:
             record.state = "failed"
             record.error = text
             record.error_type = type(error).__name__
-            record.error_field = error.field if isinstance(error, ConfigError) else None
+            record.error_field = getattr(error, "field", None) if isinstance(error, EmbeddingTrainerError) else None
             record.status_text = f"failed: {text}"
             record.finished_at = time.time()
         expected = isinstance(error, EmbeddingTrainerError) and (

@@ -212,9 +212,13 @@ class DatasetCheck:
     problems: list[str]
 
 
-def check_dataset(folder: str, recursive: bool = False, limit: int = THUMBNAILS) -> DatasetCheck:
-    """Scan an images folder for the tab: thumbnails with captions, and every problem found."""
+def check_dataset(
+    folder: str, recursive: bool = False, template: str | None = None, limit: int = THUMBNAILS
+) -> DatasetCheck:
+    """Scan an images folder for the tab: thumbnails with captions, and every problem found. Missing caption files
+    are a problem only when ``template`` uses ``[filewords]`` (or is not known)."""
     from ..dataset import scan_dataset
+    from ..templates import FILEWORDS_TOKEN, load_template
 
     folder = (folder or "").strip()
     if not folder:
@@ -224,6 +228,12 @@ def check_dataset(folder: str, recursive: bool = False, limit: int = THUMBNAILS)
     except EmbeddingTrainerError as error:
         return DatasetCheck(False, [], f"**Cannot use this folder:** {_md(str(error))}", [str(error)])
     problems = [f"{p.path.name}: {p.message}" for p in scan.problems]
+    uses_captions = True
+    if template:
+        try:
+            uses_captions = any(FILEWORDS_TOKEN in line for line in load_template(template))
+        except EmbeddingTrainerError as error:
+            problems.append(str(error))
     no_caption = []
     for record in scan.records:
         width, height = record.size
@@ -231,7 +241,7 @@ def check_dataset(folder: str, recursive: bool = False, limit: int = THUMBNAILS)
             problems.append(f"{record.path.name}: tiny image ({width} x {height}); use at least {SMALL_SIDE} px")
         if not record.path.with_suffix(".txt").is_file():
             no_caption.append(record.path.name)
-    if no_caption:
+    if no_caption and uses_captions:
         shown = ", ".join(no_caption[:8]) + (f" and {len(no_caption) - 8} more" if len(no_caption) > 8 else "")
         problems.append(
             f"{len(no_caption)} image(s) without a caption file (the caption comes from the file name): {shown}"
@@ -429,11 +439,13 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
 
         recursive = adv_components[[s.name for s in adv_specs].index("recursive")]
 
-        def do_check(folder: str, recursive_value: bool):
-            report = check_dataset(folder, bool(recursive_value))
+        template = main_components[MAIN_FIELDS.index("template")]
+
+        def do_check(folder: str, recursive_value: bool, template_value: str):
+            report = check_dataset(folder, bool(recursive_value), str(template_value or "") or None)
             return report.summary, _thumbnails(report.items)
 
-        check.click(fn=do_check, inputs=[images, recursive], outputs=[dataset_report, gallery])
+        check.click(fn=do_check, inputs=[images, recursive, template], outputs=[dataset_report, gallery])
 
         def do_start(task: str, *values: Any):
             name_value, existing_value, init_value, vectors_value, images_value = values[:5]
@@ -451,7 +463,7 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
             body.update(form_config(adv_specs, list(rest[len(main_specs) :]), initial))
             try:
                 preview = PreviewOptions.pop_from(run_options_body(preview_values))
-                final = glue.manager.start_sync(body, preview=preview)
+                final = glue.manager.start_sync(body, preview=preview, task_id=task)
             except EmbeddingTrainerError as error:
                 return status_line(None), result_html(None, f"{type(error).__name__}: {error}")
             return html.escape(status_line(final)), result_html(final)
