@@ -54,12 +54,18 @@ def _with_images(files: dict[str, bytes], *extra: str) -> Callable[[Path, Path, 
     return make
 
 
-def _template(text: str) -> Callable[[Path, Path, Path], list[str]]:
+def _file_flag(flag: str, file_name: str, content: str) -> Callable[[Path, Path, Path], list[str]]:
+    """``flag`` pointing at a file ``file_name`` holding ``content`` (a template, a --config file)."""
+
     def make(tmp: Path, model: Path, images: Path) -> list[str]:
-        (tmp / "t.txt").write_text(text, encoding="utf-8")
-        return _train("--template", "{tmp}/t.txt")(tmp, model, images)
+        (tmp / file_name).write_text(content, encoding="utf-8")
+        return _train(flag, "{tmp}/" + file_name)(tmp, model, images)
 
     return make
+
+
+def _template(text: str) -> Callable[[Path, Path, Path], list[str]]:
+    return _file_flag("--template", "t.txt", text)
 
 
 def _existing_output(tmp: Path, model: Path, images: Path) -> list[str]:
@@ -69,11 +75,7 @@ def _existing_output(tmp: Path, model: Path, images: Path) -> list[str]:
 
 
 def _config_file(content: str) -> Callable[[Path, Path, Path], list[str]]:
-    def make(tmp: Path, model: Path, images: Path) -> list[str]:
-        (tmp / "c.json").write_text(content, encoding="utf-8")
-        return _train("--config", "{tmp}/c.json")(tmp, model, images)
-
-    return make
+    return _file_flag("--config", "c.json", content)
 
 
 def _one_trainer_output_embedding(tmp: Path, model: Path, images: Path) -> list[str]:
