@@ -157,10 +157,18 @@ def test_train_through_the_api_and_use_the_trigger_at_once(webui, tmp_path):
 def test_errors_reach_the_api(webui, tmp_path):
     status, reply = webui.request("POST", "/embtrain/v1/runs", {"name": "x", "images": "y", "resolution": 70})
     assert status == 422 and reply["detail"][0]["field"] == "resolution"
+    # What can be checked before queueing is refused at once, naming the field.
     status, reply = webui.request("POST", "/embtrain/v1/runs", {"name": "nofolder", "images": str(tmp_path / "no")})
-    assert status == 200
+    assert status == 422 and reply["detail"][0]["field"] == "images", reply
+    # What only the model can tell fails inside the run, and the error reaches the API: an init file of the wrong width.
+    make_images(tmp_path / "images", count=4)
+    save_embedding(EmbeddingData("odd", {"clip_l": torch.zeros(1, 17)}), tmp_path / "odd.safetensors")
+    body = {"name": "oddinit", "images": str(tmp_path / "images"), "resolution": 64, "init_mode": "file",
+            "init_file": str(tmp_path / "odd.safetensors")}  # fmt: skip
+    status, reply = webui.request("POST", "/embtrain/v1/runs", body)
+    assert status == 200, reply
     run = wait_finished(webui, reply["id"])
-    assert run["state"] == "failed" and "does not exist" in run["error"]
+    assert run["state"] == "failed" and "17" in run["error"] and run["error_type"] == "EmbeddingFileError", run
 
 
 def test_checkpointing_and_stop_on_the_real_host(webui, tmp_path):
