@@ -45,6 +45,12 @@ class TrainConfig:
     )
     card_picture: str = _f("", "Image the card shows (default: the run's first preview, else a plain tile).")
     save_every: int = _f(0, "Save an intermediate embedding and resumable state every N steps (0: off).", min=0)
+    eval_every: int = _f(
+        50,
+        "Every N steps and at the end, score the vectors: the denoising loss on fixed views of the images (fixed "
+        "noise, timesteps and prompts; lower is better), in the status, the chart and the saved files (0: off).",
+        min=0,
+    )
     keep_saves: int = _f(3, "How many intermediate saves to keep (0: keep all).", min=0)
     resume: str = _f("", "Resume from a run folder (its latest save) or a state file written by a previous run.")
     # Data

@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = frozenset(
         "write_pt",
         "write_card",
         "card_picture",
+        "eval_every",
         "gradient_checkpointing",
         "run_dir",  # a resume works in the folder it was given (a run folder can be moved or copied)
     }
@@ -101,6 +102,11 @@ class _PendingStep:
     elapsed_s: float
 
 
+#: The held-out score (``eval_every``): micro-batches drawn with a seed of its own, so every evaluation of a run
+#: sees the same images, prompts, noise and timesteps.
+EVAL_BATCHES = 4
+EVAL_SEED = 987654321
+
 #: Losses stay on the device between reports; a report (one transfer: a device synchronisation on CUDA) comes at
 #: most this often, and at every save, stop and the end.
 REPORT_INTERVAL_S = 0.25
@@ -119,6 +125,7 @@ class Callbacks:
     on_warning: Callable[[str], None] | None = None  # skipped images, a trigger the model knows, ...
     on_save: Callable[[Path, int], None] | None = None  # an embedding file written at a step
     on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None  # after each step (previews)
+    on_evaluation: Callable[[int, float], None] | None = None  # the held-out score at a step (``eval_every``)
     should_stop: Callable[[], bool] | None = None
 
 
@@ -256,6 +263,7 @@ class Trainer:
             self._warn(text)
         self.start_step = 0
         self.base_step = 0  # steps already stored in an init file
+        self.evaluation: tuple[int, float] | None = None  # (step, held-out score) of the latest evaluation
         self.resume_state: dict[str, torch.Tensor] | None = None
         self.vectors = self._initial_vectors()
         self._check_outputs()
@@ -490,8 +498,9 @@ class Trainer:
         )
         return denoising_loss(prediction, target, mask, weights)
 
-    @torch.no_grad()
-    def held_out_loss(self, vectors: dict[str, torch.Tensor], batches: int = 8, seed: int = 987654321) -> float:
+    def held_out_loss(
+        self, vectors: dict[str, torch.Tensor], batches: int = EVAL_BATCHES, seed: int = EVAL_SEED
+    ) -> float:
         """Mean loss of ``vectors`` over fixed micro-batches drawn with ``seed`` (not the training seed).
 
         The same seed gives the same images, prompts, noise and timesteps, so two vector sets compare fairly.
@@ -499,8 +508,12 @@ class Trainer:
         with self.host.training_session(False):
             self._fill_cache()
             leaves = {k: v.to(self.device, torch.float32) for k, v in vectors.items()}
-            total = sum(float(self._loss(i, leaves, seed)) for i in range(batches))
-        return total / batches
+            return self._held_out_loss(leaves, batches, seed)
+
+    @torch.no_grad()
+    def _held_out_loss(self, leaves: dict[str, torch.Tensor], batches: int, seed: int) -> float:
+        total = sum(self._loss(i, leaves, seed).detach().float() for i in range(batches))
+        return float(total) / batches  # one transfer per evaluation
 
     def _check_first_gradients(self, leaves: dict[str, torch.Tensor]) -> bool:
         """Stop with a reason if a vector got no usable gradient. Returns False to defer (fp16 overflow)."""
@@ -555,6 +568,12 @@ class Trainer:
             optimizer.step()
         assert total is not None  # grad_accum >= 1
         return total
+
+    def _evaluate(self, step: int, leaves: dict[str, torch.Tensor]) -> None:
+        score = self._held_out_loss(leaves, EVAL_BATCHES, EVAL_SEED)
+        self.evaluation = (step, score)
+        if self.callbacks.on_evaluation:
+            self.callbacks.on_evaluation(step, score)
 
     def _open_loss_log(self) -> Any:
         """``loss.csv`` for appending. A resume first drops the rows past its step (a resume from an earlier save
@@ -707,6 +726,10 @@ class Trainer:
                     if saving or step == c.max_steps or now - last_report >= REPORT_INTERVAL_S:
                         self._report(pending, leaves, log)
                         last_report = now
+                    if c.eval_every and (step % c.eval_every == 0 or step == c.max_steps):
+                        self._report(pending, leaves, log)  # the score belongs after the step's loss
+                        last_report = now
+                        self._evaluate(step, leaves)
                     if self.callbacks.on_step:
                         self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
                     if saving:
@@ -770,6 +793,8 @@ class Trainer:
             "run_steps": str(step),
             "settings": self.config.to_json(),
         }
+        if self.evaluation is not None and self.evaluation[0] == step:
+            meta["held_out_loss"] = f"{self.evaluation[1]:.6g}"  # the score of these very vectors
         return EmbeddingData(name=self.config.name, vectors=vectors, step=self.base_step + step, metadata=meta)
 
     def _write_embedding(self, path: Path, vectors: dict[str, torch.Tensor], step: int, overwrite: bool) -> Path:

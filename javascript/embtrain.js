@@ -160,6 +160,14 @@ function embtrainDraw(run) {
         ys.push(p[1]);
         if (p[2] !== null && isFinite(p[2])) ys.push(p[2]);
     });
+    // The held-out score every eval_every steps: same units (a denoising loss), drawn as dots.
+    var scores = (run.held_out_history || []).filter(function(p) {
+        return p && p[1] !== null && isFinite(p[1]);
+    });
+    canvas.dataset.scores = String(scores.length);
+    scores.forEach(function(p) {
+        ys.push(p[1]);
+    });
     var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
     var y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
     if (x1 === x0) x1 = x0 + 1;
@@ -200,10 +208,18 @@ function embtrainDraw(run) {
     };
     line(1, '#4a90d9', 1, 0.5);
     line(2, '#e8743b', 2, 1);
+    ctx.fillStyle = '#2e9e4f';
+    scores.forEach(function(p) {
+        ctx.beginPath();
+        ctx.arc(sx(p[0]), sy(p[1]), 3, 0, 2 * Math.PI);
+        ctx.fill();
+    });
     ctx.fillStyle = '#4a90d9';
-    ctx.fillText('loss', right - 110, 14);
+    ctx.fillText('loss', right - 170, 14);
     ctx.fillStyle = '#e8743b';
-    ctx.fillText('smoothed', right - 70, 14);
+    ctx.fillText('smoothed', right - 130, 14);
+    ctx.fillStyle = '#2e9e4f';
+    ctx.fillText('held-out', right - 70, 14);
 }
 
 // On page load: the active run (one started through the HTTP API too) is followed live, else the newest is shown.

@@ -288,10 +288,11 @@ def test_latents_are_encoded_once_and_reused_across_epochs(tmp_path, host, monke
         DiffusersHost, "encode_images", lambda self, pixels: calls.append(len(pixels)) or original(self, pixels)
     )
     # 4 images, batch 2: 2 batches per epoch, so 6 steps are 3 epochs; with flip both orientations are cached.
-    Trainer(config(tmp_path, max_steps=6, flip=True), host).run()
+    # eval_every 0: the held-out score would encode its own views when latents cannot be cached (random crops).
+    Trainer(config(tmp_path, max_steps=6, flip=True, eval_every=0), host).run()
     assert sum(calls) == 8
     calls.clear()
-    Trainer(config(tmp_path / "random-crop", max_steps=3, crop="random"), host).run()
+    Trainer(config(tmp_path / "random-crop", max_steps=3, crop="random", eval_every=0), host).run()
     assert sum(calls) == 6  # random crops cannot be cached: each micro-batch is encoded
 
 
@@ -415,3 +416,28 @@ def test_a_picture_card_of_the_result_goes_into_the_run_folder_with_the_first_pr
     assert torch.equal(data.vectors["vec"], load_embedding(result.embedding_path).vectors["vec"])
     with Image.open(card) as image:
         assert image.size[1] == 48  # the preview's height: the bands frame the first preview
+
+
+def test_the_held_out_score_comes_every_eval_every_steps_and_at_the_end_and_goes_into_the_files(tmp_path, host):
+    scores: list[tuple[int, float]] = []
+    callbacks = Callbacks(on_evaluation=lambda step, score: scores.append((step, score)))
+    result = Trainer(config(tmp_path / "a", max_steps=5, eval_every=2, save_every=2), host, callbacks).run()
+    assert [step for step, _ in scores] == [2, 4, 5] and all(math.isfinite(s) and s > 0 for _, s in scores)
+    saved = load_embedding(tmp_path / "a" / "run" / "saves" / "my-cat-000004.safetensors")
+    assert float(saved.metadata["held_out_loss"]) == pytest.approx(scores[1][1], rel=1e-5)
+    assert float(load_embedding(result.embedding_path).metadata["held_out_loss"]) == pytest.approx(
+        scores[2][1], rel=1e-5
+    )
+    # Fixed views: the same vectors score the same; training does not depend on the evaluations.
+    again: list[tuple[int, float]] = []
+    plain = Trainer(config(tmp_path / "b", max_steps=5, eval_every=0), host).run()
+    Trainer(
+        config(tmp_path / "c", max_steps=5, eval_every=2),
+        host,
+        Callbacks(on_evaluation=lambda s, v: again.append((s, v))),
+    ).run()
+    assert again == scores
+    assert torch.equal(
+        load_embedding(plain.embedding_path).vectors["vec"], load_embedding(result.embedding_path).vectors["vec"]
+    )
+    assert "held_out_loss" not in load_embedding(plain.embedding_path).metadata

@@ -203,8 +203,9 @@ def test_the_chart_follows_the_run_this_page_started_and_an_api_run_on_load(webu
             run_id = next(r["id"] for r in _runs(page)["runs"] if r["name"] == name)
             _wait_js(page, f"""() => {{
                 const d = gradioApp().getElementById('embtrain_loss_canvas').dataset;
-                return d.run === '{run_id}' && d.state === 'finished' && Number(d.points) === {steps};
-            }}""", f"the chart does not show {name} finished with {steps} points")  # fmt: skip
+                return d.run === '{run_id}' && d.state === 'finished' && Number(d.points) === {steps}
+                    && Number(d.scores) >= 1;
+            }}""", f"the chart does not show {name} finished with {steps} points and its held-out score")  # fmt: skip
 
         # A run started through the API (another client) is followed live on page load.
         started = page.evaluate("""(images) => fetch('./embtrain/v1/runs', {method: 'POST',

@@ -256,7 +256,13 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         logger.warning("\nstopping after this step and saving (Ctrl-C again to abort)")
 
     bar = ProgressBar() if show_progress else None
-    callbacks = Callbacks(on_progress=bar, should_stop=lambda: stop["asked"])
+
+    def on_evaluation(step: int, score: float) -> None:
+        if bar is not None:
+            bar.end_line()
+        logger.info("step %d: held-out loss %.4f (fixed views of the images; lower is better)", step, score)
+
+    callbacks = Callbacks(on_progress=bar, should_stop=lambda: stop["asked"], on_evaluation=on_evaluation)
     trainer = Trainer(config, host, callbacks)
     logger.info("%s", trainer.describe())
     previous = signal.signal(signal.SIGINT, on_interrupt)

@@ -174,6 +174,7 @@ class RunRecord:
     resolution: int | None = None  # pixels, as the run resolved it (the checkpoint's own when the config said 0)
     task_id: str | None = None  # the WebUI task that started it (the tab's page follows its own run by this id)
     cpu_threads: str | None = None  # the CPU thread setup of the run's loop, and why (None: not decided yet)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out score), ``eval_every``
     ended: threading.Event = field(default_factory=threading.Event, repr=False)  # set once the run is over
 
     @property
@@ -210,6 +211,7 @@ class RunRecord:
             "resolution": self.resolution,
             "task_id": self.task_id,
             "cpu_threads": self.cpu_threads,
+            "held_out_loss": self.evaluations[-1][1] if self.evaluations else None,
             "stop_requested": self.stop_requested,
             "created_at": self.created_at,
             "started_at": self.started_at,
@@ -218,6 +220,7 @@ class RunRecord:
         }
         if history:
             data["loss_history"] = [list(point) for point in self.loss_history]
+            data["held_out_history"] = [list(point) for point in self.evaluations]
         return _json_safe(data)
 
 
@@ -511,10 +514,15 @@ class RunManager:
             with self._lock:
                 record.previews.extend((step, str(Path(p))) for p in paths)
 
+        def on_evaluation(step: int, score: float) -> None:
+            with self._lock:
+                record.evaluations.append((step, score))
+
         return Callbacks(
             on_progress=on_progress,
             on_status=on_status,
             on_warning=lambda text: self._warn(record, text),
+            on_evaluation=on_evaluation,
             on_step=on_step,
             should_stop=should_stop,
         )
