@@ -249,11 +249,9 @@ class Client:
 
 def write_photos(folder: Path, count: int = 8) -> Path:
     """The toy world's photos of a heart (a shape the shipped model has no word for), 64 px."""
-    from embedding_trainer.toyworld import world
+    from embedding_trainer.toyworld import learning, world
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(world.user_photos("heart", n=count, seed=0)):
-        image.save(folder / f"{i:02d}.png")
+    learning.write_user_photos(world.HELD_OUT_CONCEPTS["heart"], folder, count=count, seed=0)
     return folder
 
 

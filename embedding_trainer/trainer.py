@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .cpu_threads import ThreadSetup, ThreadTuner
-from .dataset import RenderedSample, Sample, TrainingSet, scan_dataset
+from .dataset import RenderedSample, Sample, ScanResult, TrainingSet, scan_dataset
 from .embedding_file import EmbeddingData, load_embedding, save_embedding, write_atomically
 from .errors import ConfigError, EmbeddingFileError, TrainingError
 from .host import Host, ImageInfo
@@ -143,16 +143,17 @@ def check_output_free(config: TrainConfig) -> None:
         )
 
 
-def check_inputs(config: TrainConfig) -> None:
-    """What can be checked before a model is loaded or a run queued: the template's lines, the image folder and its
-    images, the files to start from (the run checks them again). Raises ``DatasetError`` or ``ConfigError`` naming
-    the field."""
-    PromptBuilder(load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout)
-    scan_dataset(config.images, recursive=config.recursive, min_images=config.min_images)
+def check_inputs(config: TrainConfig) -> tuple[PromptBuilder, ScanResult]:
+    """The run's inputs, read without the model: the template's prompts and the scanned image folder, after checking
+    the files to start from. Callers check them before a model is loaded or a run is queued; a run reads them again
+    when it starts (files may change meanwhile). Raises ``DatasetError`` or ``ConfigError`` naming the field."""
+    prompts = PromptBuilder(load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout)
+    scan = scan_dataset(config.images, recursive=config.recursive, min_images=config.min_images)
     if config.init_mode == "file" and not Path(config.init_file).is_file():
         raise ConfigError("init_file", f"'{config.init_file}' does not exist; give the path of an embedding file")
     if config.resume:
         find_state(config.resume)
+    return prompts, scan
 
 
 def resolve_device(device: str) -> torch.device:
@@ -242,12 +243,8 @@ class Trainer:
             )
         self.lr_schedule = parse_learning_rate(config.learning_rate)
         self.resolution = config.resolution
-        self._status("checking the prompt template")
-        self.prompts = PromptBuilder(
-            load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout
-        )
-        self._status(f"scanning {config.images}")
-        self.scan = scan_dataset(config.images, recursive=config.recursive, min_images=config.min_images)
+        self._status(f"checking the prompt template and scanning {config.images}")
+        self.prompts, self.scan = check_inputs(config)
         self.data = TrainingSet(
             self.scan.records,
             resolution=self.resolution,
@@ -266,6 +263,7 @@ class Trainer:
         self.evaluation: tuple[int, float] | None = None  # (step, held-out score) of the latest evaluation
         self.resume_state: dict[str, torch.Tensor] | None = None
         self.vectors = self._initial_vectors()
+        self._remove_leftovers()  # a killed run's temporary files, before the folders are judged
         self._check_outputs()
         # Encoded latents per (image, flipped), kept on the device and reused across epochs.
         self.cache: dict[tuple[int, bool], _CachedLatents] = {}
@@ -353,7 +351,7 @@ class Trainer:
                 "another output_dir"
             )
         saves = self.run_dir / "saves"
-        if not config.resume and saves.is_dir() and any(not p.name.endswith(".tmp") for p in saves.iterdir()):
+        if not config.resume and saves.is_dir() and any(saves.iterdir()):
             if not config.overwrite:
                 raise ConfigError(
                     "run_dir",
@@ -699,7 +697,6 @@ class Trainer:
         extra: list[Path] = []
         pending: list[_PendingStep] = []
         tuner = ThreadTuner(self.device)
-        self._remove_leftovers()
         log_file = self._log_file = self._open_loss_log()
         with log_file, self.host.training_session(c.gradient_checkpointing):
             log = csv.writer(log_file)
@@ -723,12 +720,11 @@ class Trainer:
                     pending.append(_PendingStep(step, loss, lr, now - loop_start))  # this run's own time
                     tuner.after_step()
                     saving = bool(c.save_every and step % c.save_every == 0 and step < c.max_steps)
-                    if saving or step == c.max_steps or now - last_report >= REPORT_INTERVAL_S:
-                        self._report(pending, leaves, log)
+                    evaluating = bool(c.eval_every and (step % c.eval_every == 0 or step == c.max_steps))
+                    if saving or evaluating or step == c.max_steps or now - last_report >= REPORT_INTERVAL_S:
+                        self._report(pending, leaves, log)  # an evaluation's score comes after its step's loss
                         last_report = now
-                    if c.eval_every and (step % c.eval_every == 0 or step == c.max_steps):
-                        self._report(pending, leaves, log)  # the score belongs after the step's loss
-                        last_report = now
+                    if evaluating:
                         self._evaluate(step, leaves)
                     if self.callbacks.on_step:
                         self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
@@ -739,7 +735,6 @@ class Trainer:
                 raise self._failed(error, step) from error
             finally:
                 tuner.restore()
-        self._remove_leftovers()
         last_good = self._good_vectors
         if stopped or step < c.max_steps:
             # A stopped run can be resumed: keep its full state beside the embedding.
@@ -797,8 +792,10 @@ class Trainer:
             meta["held_out_loss"] = f"{self.evaluation[1]:.6g}"  # the score of these very vectors
         return EmbeddingData(name=self.config.name, vectors=vectors, step=self.base_step + step, metadata=meta)
 
-    def _write_embedding(self, path: Path, vectors: dict[str, torch.Tensor], step: int, overwrite: bool) -> Path:
-        written = save_embedding(self._embedding(vectors, step), path, overwrite=overwrite)
+    def _write_embedding(
+        self, path: Path, vectors: dict[str, torch.Tensor], step: int, overwrite: bool, picture: Any = None
+    ) -> Path:
+        written = save_embedding(self._embedding(vectors, step), path, overwrite=overwrite, picture=picture)
         if self.callbacks.on_save:
             self.callbacks.on_save(written, step)
         return written
@@ -817,11 +814,7 @@ class Trainer:
                     picture = opened.convert("RGB")
             except OSError as e:
                 self._warn(f"card_picture {source} cannot be read ({e}); the card shows a plain tile")
-        path = self.run_dir / f"{self.config.name}.png"
-        save_embedding(self._embedding(vectors, step), path, overwrite=True, picture=picture)
-        if self.callbacks.on_save:
-            self.callbacks.on_save(path, step)
-        return path
+        return self._write_embedding(self.run_dir / f"{self.config.name}.png", vectors, step, True, picture)
 
     def _save_last_good(self, step: int, vectors: dict[str, torch.Tensor]) -> Path:
         return self._write_embedding(self.run_dir / f"{self.config.name}-last-good.safetensors", vectors, step, True)

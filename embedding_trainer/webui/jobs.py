@@ -171,7 +171,6 @@ class RunRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    resolution: int | None = None  # pixels, as the run resolved it (the checkpoint's own when the config said 0)
     task_id: str | None = None  # the WebUI task that started it (the tab's page follows its own run by this id)
     cpu_threads: str | None = None  # the CPU thread setup of the run's loop, and why (None: not decided yet)
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out score), ``eval_every``
@@ -208,7 +207,7 @@ class RunRecord:
             "preview_at_steps": [step for step, _ in self.previews],
             **self.preview.to_dict(),
             "warnings": list(self.warnings),
-            "resolution": self.resolution,
+            "resolution": self.config.resolution or None,  # 0 until the run has resolved the checkpoint's own
             "task_id": self.task_id,
             "cpu_threads": self.cpu_threads,
             "held_out_loss": self.evaluations[-1][1] if self.evaluations else None,
@@ -441,7 +440,6 @@ class RunManager:
             trainer = Trainer(record.config, host, self._callbacks(record))
             with self._lock:
                 record.config = trainer.config  # with what the run resolved (the checkpoint's resolution)
-                record.resolution = trainer.resolution
             outcome = trainer.run()
         except Exception as error:
             outcome = error
