@@ -4,8 +4,9 @@ torch runs its CPU operators on an OpenMP team that belongs to the calling threa
 torch's Linux wheels) counts every thread of every team in the process, idle teams included; once that count
 exceeds the CPU count it makes workers sleep after a short spin, and each of the hundreds of parallel operators in
 a step then pays a sleep and a wake-up. In a server such as the WebUI, every request thread that once ran torch
-keeps such an idle team, so a run on another thread can lose half its speed or more (measured: 1,360 voluntary
-context switches per step instead of 1). Two remedies here:
+keeps such an idle team, so a run on another thread loses much of its speed (measured in a real WebUI beside one
+idle team, benchmarks/RESULTS.md: the built-in trainer 3.1x slower with 1,897 context switches per step instead of
+0-1; our 2-thread team 816-836 switches per step, and one thread 2.6-3.0x faster than it). Two remedies here:
 
 - ``release_openmp_team()``: a thread gives its idle team back when it is done with torch, so it stops slowing
   the others (``omp_pause_resource_all``, OpenMP 5.0; a no-op where the runtime lacks it).
@@ -30,9 +31,9 @@ from .log import logger
 
 #: Steps timed per setting (after the first step, which creates the team and warms caches).
 WATCHED_STEPS = 4
-#: One thread must take less than this share of the team's step time to be chosen: an uncontended team is
-#: 1.3-2x faster, a contended one 2-25x slower (measured: toy model in a real WebUI beside an idle team; a small
-#: conv net beside a busy process).
+#: One thread must take less than this share of the team's step time to be chosen. Measured (benchmarks/RESULTS.md):
+#: an uncontended team ran 0.99-1.28x as fast as one thread on the toy models, a contended one 1.9-3.0x slower
+#: beside an idle team and 28x slower beside a busy process, so noise of a few percent must not flip the choice.
 SINGLE_THREAD_MARGIN = 0.9
 
 _OPENMP_LIBRARY = re.compile(r"lib(gomp|omp|iomp5)[-.\w]*\.(so[.\d]*|dylib)$")
