@@ -83,3 +83,19 @@ def run_fields(tmp_path: Path, **changes):
 def image_folder(tmp_path: Path) -> Path:
     make_images(tmp_path / "images")
     return tmp_path / "images"
+
+
+def train_args(model: Path, images: Path, root: Path, *extra: str, steps: int = 3) -> list[str]:
+    """``python -m embedding_trainer train`` arguments of a short run writing under ``root``; ``extra`` flags come
+    last, so they override (argparse keeps the last value)."""
+    return [
+        "train",
+        "--model", str(model),
+        "--images", str(images),
+        "--name", "my-cat",
+        "--max-steps", str(steps),
+        "--resolution", "64",
+        "--output-dir", str(root / "out"),
+        "--run-dir", str(root / "run"),
+        *extra,
+    ]  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_images, run_fields
+from conftest import make_images, run_fields, train_args
 
 from embedding_trainer.standalone import cli
 
@@ -34,9 +34,7 @@ class Case:
 
 def _train(*extra: str) -> Callable[[Path, Path, Path], list[str]]:
     def make(tmp: Path, model: Path, images: Path) -> list[str]:
-        return ["train", "--model", str(model), "--images", str(images), "--name", "my-cat", "--max-steps", "2",
-                "--resolution", "64", "--output-dir", str(tmp / "out"), "--run-dir", str(tmp / "run"),
-                "--device", "cpu", *(a.format(tmp=tmp) for a in extra)]  # fmt: skip
+        return train_args(model, images, tmp, "--device", "cpu", *(a.format(tmp=tmp) for a in extra), steps=2)
 
     return make
 

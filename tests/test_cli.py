@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import train_args
 from safetensors.torch import load_file
 
 from embedding_trainer.config import TrainConfig
@@ -44,20 +45,6 @@ def logger_is_left_clean() -> Any:
 @pytest.fixture
 def model(tiny_model_dirs: Any) -> Path:
     return tiny_model_dirs("sd1")
-
-
-def train_args(model: Path, images: Path, root: Path, *extra: str, steps: int = 3) -> list[str]:
-    return [
-        "train",
-        "--model", str(model),
-        "--images", str(images),
-        "--name", "my-cat",
-        "--max-steps", str(steps),
-        "--resolution", "64",
-        "--output-dir", str(root / "out"),
-        "--run-dir", str(root / "run"),
-        *extra,
-    ]  # fmt: skip
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
