@@ -43,13 +43,24 @@ from embedding_trainer.toyworld import learning, world  # noqa: E402
 from embedding_trainer.toyworld.base_model import load_model  # noqa: E402
 from embedding_trainer.toyworld.judges import load_judges  # noqa: E402
 
-COLUMNS = ("method", "concept", "seed", "steps", "reconstruction", "editability", "images", "train_s", "steps_per_s")
+COLUMNS = (
+    "method", "concept", "seed", "steps", "reconstruction", "editability", "leakage", "leakage_above_0", "images",
+    "train_s", "steps_per_s", "held_out_loss", "relative_loss", "vectors_step", "steps_trained", "init_choice",
+)  # fmt: skip
+#: Averaged per (method, seed, steps) over concepts, then over seeds.
+MEASURES = ("reconstruction", "editability", "leakage_above_0", "train_s", "steps_per_s")
+#: A concept counts as found in a run when its reconstruction reaches this.
+FOUND = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=learning.SHIPPED_MODEL, help="diffusers folder of the toy model")
-    p.add_argument("--methods", nargs="*", default=list(learning.METHODS), choices=list(learning.METHODS))
+    p.add_argument(
+        "--methods", nargs="*", default=["ours", "plain", "webui-defaults", "diffusers-example"],
+        choices=list(learning.METHODS), help="named methods (learning.METHODS; 'ablation' adds every ablation step)",
+    )  # fmt: skip
+    p.add_argument("--ablation", action="store_true", help="also run every step of learning.ABLATION")
     p.add_argument(
         "--method", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
         help="also run a method of your own: TrainConfig fields over the defaults, e.g. x '{\"batch_size\": 2}'",
@@ -57,8 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--concepts", nargs="+", default=list(world.HELD_OUT_CONCEPTS), choices=list(world.HELD_OUT_CONCEPTS)
     )
-    p.add_argument("--budgets", nargs="+", type=int, default=[25, 50, 100, 200, 400])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--budgets", nargs="+", type=int, default=[50, 100, 200])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's choice)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (e.g. 2 x --threads 1)")
@@ -68,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.short:
         args.concepts, args.seeds, args.budgets = args.concepts[:1], args.seeds[:1], [25, 100]
         args.methods = args.methods[:2]
-    args.runs = [learning.METHODS[name] for name in args.methods]
+    names = list(dict.fromkeys(args.methods + ([m.name for m in learning.ABLATION] if args.ablation else [])))
+    args.runs = [learning.METHODS[name] for name in names]
     for name, fields in args.method:
         try:
             args.runs.append(learning.Method(name, json.loads(fields), "from --method"))
@@ -80,29 +92,103 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean over concepts per (method, seed, steps), then mean and 95% interval over seeds."""
+    """Mean over concepts per (method, seed, steps), then mean and 95% interval over seeds; plus how many runs found
+    each concept (reconstruction >= FOUND) and the worst concept's count."""
     by_seed: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_seed[(row["method"], row["steps"], row["seed"])].append(row)
     per_seed: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
     for (method, steps, _), group in by_seed.items():
-        per_seed[(method, steps)].append({k: sum(r[k] for r in group) / len(group) for k in COLUMNS[4:]})
+        per_seed[(method, steps)].append({k: _mean([r[k] for r in group]) for k in MEASURES})
     summary = []
     for (method, steps), seeds in sorted(per_seed.items()):
         entry: dict[str, Any] = {"method": method, "steps": steps, "seeds": len(seeds)}
-        for key in ("reconstruction", "editability", "train_s", "steps_per_s"):
-            mean, half = learning.mean_and_interval([s[key] for s in seeds])
+        for key in MEASURES:
+            mean, half = learning.mean_and_interval([s[key] for s in seeds if s[key] == s[key]] or [float("nan")])
             entry[key], entry[f"{key}_ci95"] = mean, half
+        found = found_counts(rows, method, steps)
+        entry["found"] = sum(f for f, _ in found.values())
+        entry["runs"] = sum(n for _, n in found.values())
+        entry["worst_concept"] = min(found.items(), key=lambda item: item[1][0] / item[1][1])[0] if found else ""
+        entry["worst_found"] = "{}/{}".format(*found[entry["worst_concept"]]) if found else ""
         summary.append(entry)
     return summary
 
 
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # leave out NaN (an edit set with no photo value to leak)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def found_counts(rows: list[dict[str, Any]], method: str, steps: int) -> dict[str, tuple[int, int]]:
+    """Per concept: (runs whose reconstruction reached FOUND, runs)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in rows:
+        if row["method"] == method and row["steps"] == steps:
+            counts[row["concept"]][0] += row["reconstruction"] >= FOUND
+            counts[row["concept"]][1] += 1
+    return {concept: (found, n) for concept, (found, n) in counts.items()}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def score_correlations(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well the held-out score tracks the judges' reconstruction: Spearman over every scored (run, budget) row
+    (the raw loss, and the loss relative to the run's step 0, comparable across concepts), and the mean over runs of
+    the correlation within one run's budgets (what choosing a checkpoint needs)."""
+    scored = [r for r in rows if r["held_out_loss"] == r["held_out_loss"]]
+    result: dict[str, Any] = {"rows": len(scored)}
+    if len(scored) < 3:
+        return result
+    recon = [r["reconstruction"] for r in scored]
+    result["raw"] = spearman([-r["held_out_loss"] for r in scored], recon)
+    result["relative"] = spearman([-r["relative_loss"] for r in scored], recon)
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in scored:
+        runs[(r["method"], r["concept"], r["seed"])].append(r)
+    within = [
+        spearman([-r["held_out_loss"] for r in group], [r["reconstruction"] for r in group])
+        for group in runs.values()
+        if len({r["reconstruction"] for r in group}) > 1 and len(group) > 2
+    ]
+    within = [w for w in within if w == w]
+    result["within_runs"] = sum(within) / len(within) if within else float("nan")
+    result["runs_with_varying_reconstruction"] = len(within)
+    return result
+
+
 def print_table(summary: list[dict[str, Any]]) -> None:
-    print(f"{'method':<16} {'steps':>5} {'reconstruction':>16} {'editability':>16} {'train s':>8} {'steps/s':>8}")
+    print(
+        f"{'method':<18} {'steps':>5} {'reconstruction':>16} {'editability':>16} {'leak above 0':>16} "
+        f"{'found':>7} {'worst':>22} {'train s':>8}"
+    )
     for e in summary:
         print(
-            f"{e['method']:<16} {e['steps']:>5} {e['reconstruction']:>8.3f} ±{e['reconstruction_ci95']:.3f}"
-            f" {e['editability']:>8.3f} ±{e['editability_ci95']:.3f} {e['train_s']:>8.1f} {e['steps_per_s']:>8.2f}"
+            f"{e['method']:<18} {e['steps']:>5} {e['reconstruction']:>8.3f} ±{e['reconstruction_ci95']:.3f}"
+            f" {e['editability']:>8.3f} ±{e['editability_ci95']:.3f}"
+            f" {e['leakage_above_0']:>8.3f} ±{e['leakage_above_0_ci95']:.3f}"
+            f" {e['found']:>3}/{e['runs']:<3} {e['worst_concept'] + ' ' + e['worst_found']:>22} {e['train_s']:>8.1f}"
         )
 
 
@@ -157,10 +243,15 @@ def _run_one(task: tuple[learning.Method, str, int, list[int], int, Path]) -> tu
         _WORKER["model"], _WORKER["host"], _WORKER["judges"], world.HELD_OUT_CONCEPTS[concept_name],
         method, budgets, work, seed=seed, images_per_prompt=images_per_prompt,
     )  # fmt: skip
+    leak_0 = run.scores[0].leakage
     rows = [
         {"method": method.name, "concept": concept_name, "seed": seed, "steps": steps,
-         "reconstruction": scores.reconstruction, "editability": scores.editability, "images": scores.images,
-         "train_s": run.train_s * steps / max(budgets), "steps_per_s": run.steps_per_s}
+         "reconstruction": scores.reconstruction, "editability": scores.editability, "leakage": scores.leakage,
+         "leakage_above_0": scores.leakage - leak_0, "images": scores.images,
+         "train_s": run.train_s * min(steps, run.steps_trained) / max(run.steps_trained, 1),
+         "steps_per_s": run.steps_per_s, "held_out_loss": scores.held_out_loss,
+         "relative_loss": scores.held_out_loss / run.initial_loss, "vectors_step": scores.step,
+         "steps_trained": min(steps, run.steps_trained), "init_choice": run.init_choice}
         for steps, scores in sorted(run.scores.items())
     ]  # fmt: skip
     last = run.scores[max(budgets)]
@@ -213,6 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\n{machine}, {datetime.date.today()}, {time.perf_counter() - started:.0f} s in all")
     print_table(summary)
+    correlations = score_correlations(rows)
+    with open(args.out / "score-correlation.json", "w", encoding="utf-8") as f:
+        json.dump(correlations, f, indent=2)
+    print(
+        "\nheld-out score vs judged reconstruction (Spearman; lower loss counted as better), "
+        f"over {correlations['rows']} scored (run, budget) rows: raw {correlations.get('raw', float('nan')):.3f}, "
+        f"relative to step 0 {correlations.get('relative', float('nan')):.3f}, within a run's budgets "
+        f"{correlations.get('within_runs', float('nan')):.3f} (mean over "
+        f"{correlations.get('runs_with_varying_reconstruction', 0)} runs whose reconstruction varied)"
+    )
     print(f"\nwrote {args.out / 'learning.csv'}, {args.out / 'learning-summary.csv'}, {args.out / 'learning.png'}")
     return 0
 

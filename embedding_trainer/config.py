@@ -31,8 +31,18 @@ class TrainConfig:
     recursive: bool = _f(False, "Include images in sub-folders.")
     # 4: in the learning benchmark (benchmarks/RESULTS.md) 4 vectors learnt faster than 1 and edited as well or better.
     num_vectors: int = _f(4, "Vectors per token (each takes one of the prompt's 75 token places).", min=1, max=75)
-    init_mode: str = _f("text", "How to initialise the vectors.", ("text", "file", "random"))
-    init_text: str = _f("*", "Initialisation text (init_mode=text): its token embeddings spread over the vectors.")
+    init_mode: str = _f(
+        "text",
+        "How to initialise the vectors. text: the init text's token embeddings; best-word: before training, try the "
+        "init text, the captions' words and a built-in list of common words, and start from the one with the lowest "
+        "loss on your images; encoder-output: the text encoder's output for the init text (CrossInit); file: an "
+        "embedding to continue; random.",
+        ("text", "best-word", "encoder-output", "file", "random"),
+    )
+    init_text: str = _f(
+        "*",
+        "Initialisation text (init_mode text, encoder-output; best-word tries it too): spread over the vectors.",
+    )
     init_file: str = _f("", "Embedding file to continue training (init_mode=file); sets the vector count.")
     # Output
     output_dir: str = _f("embeddings", "Folder for the finished embedding file.")
@@ -50,6 +60,18 @@ class TrainConfig:
         "Every N steps and at the end, score the vectors: the denoising loss on fixed views of the images (fixed "
         "noise, timesteps and prompts; lower is better), in the status, the chart and the saved files (0: off).",
         min=0,
+    )
+    early_stop_patience: int = _f(
+        0,
+        "Stop when the held-out score has not improved for this many evaluations in a row (0: train all max_steps; "
+        "needs eval_every).",
+        min=0,
+    )
+    final_vectors: str = _f(
+        "best",
+        "What the finished file holds: the vectors with the best held-out score (needs eval_every), or the last "
+        "step's.",
+        ("best", "last"),
     )
     keep_saves: int = _f(3, "How many intermediate saves to keep (0: keep all).", min=0)
     resume: str = _f("", "Resume from a run folder (its latest save) or a state file written by a previous run.")
@@ -73,14 +95,29 @@ class TrainConfig:
     min_images: int = _f(1, "Fail if fewer readable images than this remain.", min=1)
     # Optimisation
     max_steps: int = _f(1000, "Optimiser steps in this run (not counting steps stored in an init file).", min=1)
-    # Batch 4 at 0.01: in a one-seed sweep on the toy model (benchmarks/RESULTS.md) it learnt every held-out concept
-    # within 200 steps, where batch 1 or the WebUI's 0.005 left some unlearnt at 400.
+    # Batch 4 at 0.01 (absolute) on the toy model: in a one-seed sweep (benchmarks/RESULTS.md) it learnt every held-out
+    # concept within 200 steps, where batch 1 or the WebUI's 0.005 left some unlearnt at 400. In table units
+    # (lr_scale) that rate is 0.007: the toy's table is 1.38x SD1's scale.
     batch_size: int = _f(4, "Images per micro-batch (out of memory? lower it, raise grad_accum).", min=1, max=256)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", min=1, max=256)
     learning_rate: str = _f(
-        "0.01",
+        "0.007",
         "A rate ('0.01') or the WebUI's piecewise schedule ('0.005:100, 1e-3:1000, 1e-5').",
         accepts_number=True,
+    )
+    lr_scale: str = _f(
+        "table",
+        "Units of the learning rate. table: scaled by the text encoder's token-embedding table, so a rate moves the "
+        "vectors by the same share of the vocabulary's size on SD1 (1x), SD2, SDXL and small models; absolute: the "
+        "raw AdamW rate, as the WebUI's Train tab uses it.",
+        ("table", "absolute"),
+    )
+    norm_band: float = _f(
+        0.0,
+        "Keep each vector's length within this factor of the vocabulary's median length after every step (1.5: "
+        "between median/1.5 and median*1.5; 1: fixed length, only the direction trains; 0: off). Long vectors "
+        "drown the rest of the prompt.",
+        min=0.0,
     )
     lr_scheduler: str = _f("constant", "Schedule applied to a single learning rate.", ("constant", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "Linear warm-up steps at the start of the schedule.", min=0)
@@ -124,6 +161,14 @@ class TrainConfig:
             raise ConfigError(unknown[0], f"unknown field; allowed fields are: {', '.join(known)}")
         values = {key: _coerce(known[key], value) for key, value in data.items()}
         return cls(**values)
+
+    @staticmethod
+    def saved_fields(text: str) -> dict[str, Any]:
+        """The fields of a config a run saved (its JSON), with options added since then set to what that run did:
+        runs saved before ``lr_scale`` existed used absolute rates."""
+        data = json.loads(text)
+        data.setdefault("lr_scale", "absolute")
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,9 +216,13 @@ class TrainConfig:
             raise ConfigError(
                 "timestep_min", f"{self.timestep_min} is above timestep_max {self.timestep_max}; make it lower"
             )
+        if 0.0 < self.norm_band < 1.0:
+            raise ConfigError(
+                "norm_band", f"{self.norm_band} is below 1; use 0 (off), 1 (fixed length) or a factor such as 1.5"
+            )
         if self.init_mode == "file" and not self.init_file:
             raise ConfigError("init_file", "init_mode is 'file' but no init_file is given; name an embedding file")
-        if self.init_mode == "text" and not self.init_text.strip():
+        if self.init_mode in ("text", "encoder-output") and not self.init_text.strip():
             raise ConfigError(
                 "init_text", "is empty; give a word close to the concept, e.g. 'cat', or use init_mode random"
             )

@@ -61,6 +61,10 @@ class Host(Protocol):
     def token_embeddings(self, encoder_key: str, text: str) -> torch.Tensor:
         """Token-embedding rows ``[k, width]`` (float32, CPU) of ``text`` without start/end tokens."""
 
+    def encoder_output(self, encoder_key: str, text: str) -> torch.Tensor:
+        """The encoder's output ``[k, width]`` (float32, CPU) at ``text``'s tokens: the hidden states the denoiser
+        reads (the penultimate layer where the model conditions on it), without start/end tokens."""
+
     def vocabulary(self, encoder_key: str) -> torch.Tensor:
         """The encoder's whole token-embedding table ``[vocab, width]`` (read-only; for statistics)."""
 

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import inspect
 import io
-import json
 import math
 import os
 import random
@@ -34,7 +33,15 @@ from .dataset import RenderedSample, Sample, ScanResult, TrainingSet, scan_datas
 from .embedding_file import EmbeddingData, load_embedding, save_embedding, write_atomically
 from .errors import ConfigError, EmbeddingFileError, TrainingError
 from .host import Host, ImageInfo
-from .initialization import random_vectors, vectors_from_text
+from .initialization import (
+    SD1_TABLE_SCALE,
+    init_candidates,
+    prompt_word_norm,
+    random_vectors,
+    table_scale,
+    vectors_from_encoder_output,
+    vectors_from_text,
+)
 from .log import logger
 from .losses import add_noise, denoising_loss, min_snr_weights, prediction_target
 from .run_state import STATE_SUFFIX, find_state, load_state, restore_optimizer, run_folder_of, save_state
@@ -55,6 +62,8 @@ RESUMABLE_CHANGES = frozenset(
         "write_card",
         "card_picture",
         "eval_every",
+        "early_stop_patience",
+        "final_vectors",
         "gradient_checkpointing",
         "run_dir",  # a resume works in the folder it was given (a run folder can be moved or copied)
     }
@@ -90,6 +99,10 @@ class TrainResult:
     extra_paths: list[Path] = field(default_factory=list)
     resolution: int = 0  # the training resolution in pixels (the checkpoint's own when the config said 0)
     cpu_threads: ThreadSetup | None = None  # the CPU thread count the loop ran with, and why
+    vectors_step: int = 0  # the run step whose vectors the file holds (the best evaluation's, or the last)
+    held_out_loss: float | None = None  # the held-out score of those vectors, when evaluated
+    early_stopped: bool = False  # the held-out score stopped improving (``early_stop_patience``)
+    init_choice: str = ""  # the word ``init_mode best-word`` chose
 
 
 @dataclass
@@ -106,6 +119,16 @@ class _PendingStep:
 #: sees the same images, prompts, noise and timesteps.
 EVAL_BATCHES = 4
 EVAL_SEED = 987654321
+#: ``init_mode best-word`` ranks its candidates on micro-batches of another fixed seed (ranking on the score's own
+#: views would flatter the chosen word's score at step 0).
+INIT_RANK_SEED = 123456789
+#: Every candidate is scored on a few micro-batches, the best few again on more (paired: the same views for all):
+#: on the toy model two batches could not tell a related word from the noise between unrelated ones, eight could.
+INIT_RANK_BATCHES = 4
+INIT_FINALISTS = 8
+INIT_FINAL_BATCHES = 16
+#: An evaluation counts as an improvement (``early_stop_patience``) when it beats the best so far by this share.
+EARLY_STOP_MIN_IMPROVEMENT = 0.002
 
 #: Losses stay on the device between reports; a report (one transfer: a device synchronisation on CUDA) comes at
 #: most this often, and at every save, stop and the end.
@@ -126,6 +149,7 @@ class Callbacks:
     on_save: Callable[[Path, int], None] | None = None  # an embedding file written at a step
     on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None  # after each step (previews)
     on_evaluation: Callable[[int, float], None] | None = None  # the held-out score at a step (``eval_every``)
+    on_init_choice: Callable[[str, dict[str, float]], None] | None = None  # best-word: the word and every loss
     should_stop: Callable[[], bool] | None = None
 
 
@@ -260,9 +284,27 @@ class Trainer:
             self._warn(text)
         self.start_step = 0
         self.base_step = 0  # steps already stored in an init file
-        self.evaluation: tuple[int, float] | None = None  # (step, held-out score) of the latest evaluation
+        self.scores: dict[int, float] = {}  # held-out score by step (``eval_every``)
+        self.best_step: int | None = None  # the step with the lowest held-out score so far (step 0 excluded)
+        self._best_vectors: dict[str, torch.Tensor] | None = None
+        self._improved_at: int | None = None  # the last evaluation that beat the earlier ones by a margin
+        self.early_stopped = False
+        self.init_choice = ""
         self.resume_state: dict[str, torch.Tensor] | None = None
+        # lr_scale table: each encoder's rate is scaled by its table's typical coordinate, SD1's being 1x.
+        self.lr_factors = {
+            e.key: table_scale(host, e.key) / SD1_TABLE_SCALE if config.lr_scale == "table" else 1.0
+            for e in host.encoders
+        }
+        # norm_band's centre: the median length of the words the prompts use (a small model's table is mostly
+        # rows no caption ever trained, shorter than its real words; in a large model the two agree).
+        self.word_norms = (
+            {e.key: prompt_word_norm(host, e.key, self._prompt_words()) for e in host.encoders}
+            if config.norm_band
+            else {}
+        )
         self.vectors = self._initial_vectors()
+        self.initial_vectors = self.vectors  # what training starts from (best-word replaces it when the run starts)
         self._remove_leftovers()  # a killed run's temporary files, before the folders are judged
         self._check_outputs()
         # Encoded latents per (image, flipped), kept on the device and reused across epochs.
@@ -297,7 +339,7 @@ class Trainer:
         if config.resume:
             state_path = find_state(config.resume)
             tensors, meta = load_state(state_path)
-            saved = TrainConfig.from_dict(json.loads(meta["config"]))
+            saved = TrainConfig.from_dict(TrainConfig.saved_fields(meta["config"]))
             saved = saved.replace(resolution=saved.resolution or self.host.default_resolution)  # older saves: 0
             for f in TrainConfig.fields():
                 if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name):
@@ -325,7 +367,9 @@ class Trainer:
             return {k: v.to(torch.float32).clone() for k, v in data.vectors.items()}
         if config.init_mode == "random":
             return random_vectors(self.host, config.num_vectors, config.seed)
-        return vectors_from_text(self.host, config.init_text, config.num_vectors)
+        if config.init_mode == "encoder-output":
+            return vectors_from_encoder_output(self.host, config.init_text, config.num_vectors)
+        return vectors_from_text(self.host, config.init_text, config.num_vectors)  # best-word: ranked in run()
 
     @property
     def _replaces_output(self) -> bool:
@@ -339,7 +383,11 @@ class Trainer:
             existing = load_embedding(self.output_path)
         except EmbeddingFileError:
             return False
-        return existing.name == self.config.name and existing.step == self.base_step + self.start_step
+        if existing.name != self.config.name:
+            return False
+        # The file holds the last vectors, or the best ones of a run that had done start_step steps.
+        run_steps = existing.metadata.get("run_steps")
+        return existing.step == self.base_step + self.start_step or run_steps == str(self.start_step)
 
     def _check_outputs(self) -> None:
         config = self.config
@@ -372,17 +420,28 @@ class Trainer:
         size += " with aspect buckets" if c.buckets else f", {c.crop} crop"
         latents = f"cached ({c.latent_sampling})" if self.data.cacheable else "encoded every step (random crop)"
         lr = c.learning_rate if self.lr_schedule.is_piecewise else f"{c.learning_rate} {c.lr_scheduler}"
+        if c.lr_scale == "table":
+            lr += " in table units (" + ", ".join(f"{k} x{f:.3g}" for k, f in self.lr_factors.items()) + ")"
+        init = f"resumed at step {self.start_step}" if c.resume else c.init_mode
+        if not c.resume and c.init_mode in ("text", "encoder-output", "best-word"):
+            init += f" '{c.init_text}'" + (" and other words, ranked by loss" if c.init_mode == "best-word" else "")
+        scoring = "off"
+        if c.eval_every:
+            scoring = f"held-out loss every {c.eval_every} steps, file holds the {c.final_vectors} vectors"
+            if c.early_stop_patience:
+                scoring += f", stops after {c.early_stop_patience} evaluations without improvement"
         lines = [
             f"Training '{c.name}' on {self.host.model_name or 'the model'} ({self.host.family}, "
             f"{self.host.prediction_type})",
             f"  images:    {len(self.scan.records)} from {c.images}"
             + (f" ({len(self.scan.problems)} skipped)" if self.scan.problems else "")
             + f", x{c.repeats} repeats, {size}, latents {latents}",
-            f"  vectors:   {self.num_vectors} x ({widths}), init "
-            + (f"resumed at step {self.start_step}" if c.resume else c.init_mode),
+            f"  vectors:   {self.num_vectors} x ({widths}), init {init}"
+            + (f", length within x{c.norm_band:g} of the vocabulary's median" if c.norm_band else ""),
             f"  steps:     {c.max_steps} (from {self.start_step}), batch {c.batch_size} x {c.grad_accum} accumulation,"
             f" {self.batches_per_epoch} batches per epoch",
             f"  optimiser: AdamW lr {lr}" + (f", warm-up {c.lr_warmup_steps}" if c.lr_warmup_steps else ""),
+            f"  scoring:   {scoring}",
             f"  device:    {self.device}, {self.precision}"
             + (", gradient checkpointing" if c.gradient_checkpointing else "")
             + (", VAE in RAM after caching" if c.vae_to_cpu else ""),
@@ -564,14 +623,79 @@ class Trainer:
             self.scaler.update()
         else:
             optimizer.step()
+        self._project_norms(leaves)
         assert total is not None  # grad_accum >= 1
         return total
 
+    @torch.no_grad()
+    def _project_norms(self, leaves: dict[str, torch.Tensor]) -> None:
+        """``norm_band``: scale each vector whose length left [median / band, median * band] back to the band's edge
+        (on the device; no synchronisation)."""
+        band = self.config.norm_band
+        if not band:
+            return
+        for key, leaf in leaves.items():
+            median = self.word_norms[key]
+            norms = leaf.norm(dim=-1, keepdim=True)
+            leaf.mul_(norms.clamp(median / band, median * band) / norms.clamp_min(1e-12))
+
+    def _prompt_words(self) -> list[str]:
+        """The template's lines and the captions, without the trigger and placeholders: words the model knows."""
+        lines = [line.replace("[name]", " ").replace("[filewords]", " ") for line in self.prompts.lines]
+        captions = [self.data.caption(i) for i in range(len(self.scan.records))]
+        return [text for text in (*lines, *captions) if text.strip()]
+
+    def _choose_init_word(self, leaves: dict[str, torch.Tensor]) -> None:
+        """``init_mode best-word``: start from the candidate text with the lowest loss on fixed views of the images."""
+        c = self.config
+        candidates = init_candidates(c.init_text, self._prompt_words(), c.name)
+        trials: dict[str, dict[str, torch.Tensor]] = {}
+        for text in candidates:
+            with contextlib.suppress(ConfigError):  # a text with no tokens in this tokenizer
+                trials[text] = {
+                    k: v.to(self.device) for k, v in vectors_from_text(self.host, text, c.num_vectors).items()
+                }
+                self._project_norms(trials[text])
+        losses: dict[str, float] = {}
+        for index, (text, trial) in enumerate(trials.items(), 1):
+            self._status(f"ranking init words by loss on the images {index}/{len(trials)}")
+            losses[text] = self._held_out_loss(trial, INIT_RANK_BATCHES, INIT_RANK_SEED)
+        finalists = sorted(losses, key=losses.__getitem__)[:INIT_FINALISTS]
+        for index, text in enumerate(finalists, 1):
+            self._status(f"ranking the best {len(finalists)} init words again {index}/{len(finalists)}")
+            losses[text] = self._held_out_loss(trials[text], INIT_FINAL_BATCHES, INIT_RANK_SEED)
+        losses = {text: losses[text] for text in finalists}
+        self.init_choice = min(losses, key=losses.__getitem__)
+        with torch.no_grad():
+            for key, leaf in leaves.items():
+                leaf.copy_(trials[self.init_choice][key])
+        others = ", ".join(f"'{t}' {losses[t]:.4g}" for t in sorted(losses, key=losses.__getitem__)[1:4])
+        self._status(f"init: '{self.init_choice}', loss {losses[self.init_choice]:.4g} (next: {others})")
+        if self.callbacks.on_init_choice:
+            self.callbacks.on_init_choice(self.init_choice, losses)
+
     def _evaluate(self, step: int, leaves: dict[str, torch.Tensor]) -> None:
+        """Score the vectors; keep the best ones (after step 0); stop early when the score has stalled."""
         score = self._held_out_loss(leaves, EVAL_BATCHES, EVAL_SEED)
-        self.evaluation = (step, score)
+        self.scores[step] = score
         if self.callbacks.on_evaluation:
             self.callbacks.on_evaluation(step, score)
+        if step == 0 or not math.isfinite(score):
+            return
+        if self.best_step is None or score < self.scores[self.best_step]:
+            self.best_step = step
+            self._best_vectors = {k: v.detach().clone() for k, v in leaves.items()}
+        last = self._improved_at
+        if last is None or score < self.scores[last] * (1.0 - EARLY_STOP_MIN_IMPROVEMENT):
+            self._improved_at = step
+            return
+        patience = self.config.early_stop_patience
+        if patience and sum(1 for s in self.scores if s > last) >= patience:
+            self.early_stopped = True
+            self._status(
+                f"stopping early at step {step}: the held-out score has not improved for {patience} evaluations "
+                f"(best {self.scores[self.best_step]:.4g} at step {self.best_step})"
+            )
 
     def _open_loss_log(self) -> Any:
         """``loss.csv`` for appending. A resume first drops the rows past its step (a resume from an earlier save
@@ -615,9 +739,9 @@ class Trainer:
         # On CUDA, fused AdamW is one kernel, and the fp16 grad scaler hands it the overflow flag on the device
         # (the unfused path reads that flag on the host every step: a synchronisation).
         fused = {"fused": True} if self.device.type == "cuda" and _adamw_has_fused() else {}
-        optimizer = torch.optim.AdamW(
-            list(leaves.values()), lr=self.lr_schedule.base, weight_decay=c.weight_decay, **fused
-        )
+        # One group per encoder: lr_scale table gives each its own factor (SDXL's two tables differ in scale).
+        groups = [{"params": [leaf], "lr_factor": self.lr_factors[key]} for key, leaf in leaves.items()]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr_schedule.base, weight_decay=c.weight_decay, **fused)
         self.scaler = _grad_scaler(self.device) if self.precision == "fp16" else None
         if self.resume_state is not None:
             restore_optimizer(optimizer, self.scaler, leaves, self.resume_state)
@@ -705,15 +829,22 @@ class Trainer:
                 if c.vae_to_cpu:
                     self._status("moving the VAE to system RAM (every latent is cached)")
                     self.host.offload_image_encoder()
+                if c.init_mode == "best-word" and not c.resume:
+                    self._choose_init_word(leaves)
+                self._project_norms(leaves)
+                self._good_vectors = {k: v.detach().clone() for k, v in leaves.items()}
+                self.initial_vectors = {k: v.detach().cpu().clone() for k, v in leaves.items()}
+                if c.eval_every and step == 0:
+                    self._evaluate(0, leaves)  # the baseline the chart and the best-vectors choice start from
                 self._status("training")
                 loop_start = last_report = time.perf_counter()
-                while step < c.max_steps:
+                while step < c.max_steps and not self.early_stopped:
                     if self.callbacks.should_stop and self.callbacks.should_stop():
                         stopped = True
                         break
                     lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group["lr_factor"]
                     loss = self._optimizer_step(step, leaves, optimizer)
                     step += 1
                     now = time.perf_counter()
@@ -740,12 +871,22 @@ class Trainer:
             # A stopped run can be resumed: keep its full state beside the embedding.
             extra.append(self._save_intermediate(step, last_good, optimizer, keep_all=True))
         replace = self._replaces_output
-        path = self._write_embedding(self.output_path, last_good, step, overwrite=replace)
+        final, final_step = last_good, step
+        if c.final_vectors == "best" and self._best_vectors is not None and self.best_step is not None:
+            final, final_step = self._best_vectors, self.best_step
+            if final_step != step:
+                self._status(
+                    f"the file holds step {final_step}'s vectors: the best held-out score of {len(self.scores)} "
+                    "evaluations (final_vectors best)"
+                )
+        path = self._write_embedding(self.output_path, final, final_step, overwrite=replace, run_steps=step)
         if c.write_pt:
-            extra.append(self._write_embedding(path.with_suffix(".pt"), last_good, step, overwrite=replace))
+            extra.append(
+                self._write_embedding(path.with_suffix(".pt"), final, final_step, overwrite=replace, run_steps=step)
+            )
         if c.write_card:
-            extra.append(self._write_card(last_good, step))
-        self.vectors = {k: v.cpu() for k, v in last_good.items()}
+            extra.append(self._write_card(final, final_step, run_steps=step))
+        self.vectors = {k: v.cpu() for k, v in final.items()}
         return TrainResult(
             embedding_path=path,
             run_dir=self.run_dir,
@@ -758,6 +899,10 @@ class Trainer:
             extra_paths=extra,
             resolution=self.resolution,
             cpu_threads=tuner.setup,
+            vectors_step=final_step,
+            held_out_loss=self.scores.get(final_step),
+            early_stopped=self.early_stopped,
+            init_choice=self.init_choice,
         )
 
     def _failed(self, error: BaseException, step: int) -> BaseException:
@@ -779,28 +924,40 @@ class Trainer:
         return TrainingError(f"training failed at step {step + 1}: {type(error).__name__}: {error}{where}")
 
     # -- files ------------------------------------------------------------------------------------------------
-    def _embedding(self, vectors: dict[str, torch.Tensor], step: int) -> EmbeddingData:
+    def _embedding(self, vectors: dict[str, torch.Tensor], step: int, run_steps: int | None = None) -> EmbeddingData:
+        """``step``: the run step of ``vectors``; ``run_steps``: the steps the run had done (later, for the best
+        vectors at the end of a run)."""
         meta = {
             "base_model_name": self.host.model_name,
             "family": self.host.family,
             "prediction_type": self.host.prediction_type,
             "trainer": f"embedding_trainer {__version__}",
-            "run_steps": str(step),
+            "run_steps": str(step if run_steps is None else run_steps),
+            "vectors_step": str(step),
             "settings": self.config.to_json(),
         }
-        if self.evaluation is not None and self.evaluation[0] == step:
-            meta["held_out_loss"] = f"{self.evaluation[1]:.6g}"  # the score of these very vectors
+        if step in self.scores:
+            meta["held_out_loss"] = f"{self.scores[step]:.6g}"  # the score of these very vectors
+        if self.init_choice:
+            meta["init_choice"] = self.init_choice
         return EmbeddingData(name=self.config.name, vectors=vectors, step=self.base_step + step, metadata=meta)
 
     def _write_embedding(
-        self, path: Path, vectors: dict[str, torch.Tensor], step: int, overwrite: bool, picture: Any = None
+        self,
+        path: Path,
+        vectors: dict[str, torch.Tensor],
+        step: int,
+        overwrite: bool,
+        picture: Any = None,
+        run_steps: int | None = None,
     ) -> Path:
-        written = save_embedding(self._embedding(vectors, step), path, overwrite=overwrite, picture=picture)
+        data = self._embedding(vectors, step, run_steps)
+        written = save_embedding(data, path, overwrite=overwrite, picture=picture)
         if self.callbacks.on_save:
             self.callbacks.on_save(written, step)
         return written
 
-    def _write_card(self, vectors: dict[str, torch.Tensor], step: int) -> Path:
+    def _write_card(self, vectors: dict[str, torch.Tensor], step: int, run_steps: int | None = None) -> Path:
         """The WebUI's picture card in the run folder (not the embeddings folder, where the WebUI would load it as a
         second embedding with the same trigger), showing ``card_picture``, else the first preview, else a tile."""
         from PIL import Image
@@ -814,7 +971,7 @@ class Trainer:
                     picture = opened.convert("RGB")
             except OSError as e:
                 self._warn(f"card_picture {source} cannot be read ({e}); the card shows a plain tile")
-        return self._write_embedding(self.run_dir / f"{self.config.name}.png", vectors, step, True, picture)
+        return self._write_embedding(self.run_dir / f"{self.config.name}.png", vectors, step, True, picture, run_steps)
 
     def _save_last_good(self, step: int, vectors: dict[str, torch.Tensor]) -> Path:
         return self._write_embedding(self.run_dir / f"{self.config.name}-last-good.safetensors", vectors, step, True)

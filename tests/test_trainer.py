@@ -137,7 +137,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tmp_path, host, monkey
 
     monkeypatch.setattr(DiffusersHost, "predict", predict)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3; the last good vectors \(step 2\)") as error:
-        Trainer(config(tmp_path, max_steps=5), host).run()
+        Trainer(config(tmp_path, max_steps=5, eval_every=0), host).run()  # predict calls: training steps only
     last_good = tmp_path / "run" / "my-cat-last-good.safetensors"
     assert str(last_good) in str(error.value)
     data = load_embedding(last_good)
@@ -160,7 +160,7 @@ def test_running_out_of_memory_names_the_settings_that_fix_it(tmp_path, host, mo
 
     monkeypatch.setattr(DiffusersHost, "predict", predict)
     with pytest.raises(TrainingError, match="ran out of memory at step 2 \\(batch_size 2 at 64 px\\)") as error:
-        Trainer(config(tmp_path, max_steps=4), host).run()
+        Trainer(config(tmp_path, max_steps=4, eval_every=0), host).run()
     message = str(error.value)
     assert "batch_size 1, grad_accum 2" in message and "gradient_checkpointing" in message
     assert load_embedding(tmp_path / "run" / "my-cat-last-good.safetensors").step == 1
@@ -421,18 +421,20 @@ def test_a_picture_card_of_the_result_goes_into_the_run_folder_with_the_first_pr
 def test_the_held_out_score_comes_every_eval_every_steps_and_at_the_end_and_goes_into_the_files(tmp_path, host):
     scores: list[tuple[int, float]] = []
     callbacks = Callbacks(on_evaluation=lambda step, score: scores.append((step, score)))
-    result = Trainer(config(tmp_path / "a", max_steps=5, eval_every=2, save_every=2), host, callbacks).run()
-    assert [step for step, _ in scores] == [2, 4, 5] and all(math.isfinite(s) and s > 0 for _, s in scores)
+    fields = {"max_steps": 5, "eval_every": 2, "save_every": 2, "final_vectors": "last"}
+    result = Trainer(config(tmp_path / "a", **fields), host, callbacks).run()
+    # Step 0: the initial vectors' score, the baseline.
+    assert [step for step, _ in scores] == [0, 2, 4, 5] and all(math.isfinite(s) and s > 0 for _, s in scores)
     saved = load_embedding(tmp_path / "a" / "run" / "saves" / "my-cat-000004.safetensors")
-    assert float(saved.metadata["held_out_loss"]) == pytest.approx(scores[1][1], rel=1e-5)
+    assert float(saved.metadata["held_out_loss"]) == pytest.approx(scores[2][1], rel=1e-5)
     assert float(load_embedding(result.embedding_path).metadata["held_out_loss"]) == pytest.approx(
-        scores[2][1], rel=1e-5
+        scores[3][1], rel=1e-5
     )
     # Fixed views: the same vectors score the same; training does not depend on the evaluations.
     again: list[tuple[int, float]] = []
     plain = Trainer(config(tmp_path / "b", max_steps=5, eval_every=0), host).run()
     Trainer(
-        config(tmp_path / "c", max_steps=5, eval_every=2),
+        config(tmp_path / "c", **fields),
         host,
         Callbacks(on_evaluation=lambda s, v: again.append((s, v))),
     ).run()

@@ -171,6 +171,40 @@ def test_errors_reach_the_api(webui, tmp_path):
     assert run["state"] == "failed" and "17" in run["error"] and run["error_type"] == "EmbeddingFileError", run
 
 
+def test_quality_options_on_the_real_host(webui, tmp_path):
+    """best-word ranks words through the host's own embedders, encoder-output reads its text encoders' outputs, and
+    the scores, the best vectors and the table-scaled rate reach the API and the file."""
+    from safetensors.torch import load_file
+
+    make_images(tmp_path / "images", count=4)
+    common = {"images": str(tmp_path / "images"), "resolution": 64, "batch_size": 2, "eval_every": 2,
+              "norm_band": 1.5, "final_vectors": "best"}  # fmt: skip
+    status, reply = webui.request("POST", "/embtrain/v1/runs", {**common, "name": "itbest", "max_steps": 4,
+                                                                "init_mode": "best-word"})  # fmt: skip
+    assert status == 200, reply
+    run = wait_finished(webui, reply["id"])
+    assert run["state"] == "finished", run["error"]
+    assert run["result"]["init_choice"] and run["result"]["vectors_step"] in (2, 4), run["result"]
+    assert [point[0] for point in run["held_out_history"]] == [0, 2, 4]
+    data = load_embedding(run["result"]["embedding_path"])
+    assert data.metadata["init_choice"] == run["result"]["init_choice"]
+    assert float(data.metadata["held_out_loss"]) == pytest.approx(run["result"]["held_out_loss"], rel=1e-5)
+
+    # One tiny step from the encoder's output for "cat": far from the token row of "cat" in every encoder.
+    body = {**common, "name": "itcross", "max_steps": 1, "init_mode": "encoder-output", "init_text": "cat",
+            "num_vectors": 1, "learning_rate": "1e-6", "norm_band": 0.0}  # fmt: skip
+    status, reply = webui.request("POST", "/embtrain/v1/runs", body)
+    assert status == 200, reply
+    run = wait_finished(webui, reply["id"])
+    assert run["state"] == "finished", run["error"]
+    checkpoint = load_file(str(webui.checkpoint))
+    trained = load_embedding(run["result"]["embedding_path"]).vectors
+    for key, table in FAMILIES[webui.family].items():
+        vector = trained[key if webui.family == "sdxl" else "vec"][0]
+        assert (vector - checkpoint[table][CAT].float()).norm() > 0.5 * checkpoint[table][CAT].float().norm(), key
+        assert torch.isfinite(vector).all()
+
+
 def test_checkpointing_and_stop_on_the_real_host(webui, tmp_path):
     make_images(tmp_path / "images", count=4)
     # Random init reads the host's token-embedding tables (the OpenCLIP ones for SD2/SDXL).

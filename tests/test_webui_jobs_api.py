@@ -214,7 +214,7 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert [point[0] for point in status["loss_history"]] == [1, 2, 3]
     assert all(isinstance(v, float) and v > 0 for point in status["loss_history"] for v in point[1:])
     assert status["loss"] == status["loss_history"][-1][1]
-    assert status["learning_rate"] == pytest.approx(0.01)
+    assert status["learning_rate"] == pytest.approx(float(TrainConfig().learning_rate))  # in the units given (table)
     assert status["it_per_s"] > 0 and status["eta_s"] == 0
     assert status["config"]["max_steps"] == 3 and status["config"]["name"] == "my-cat"
     # Resolution 0 means the checkpoint's own; the status, the config and the run's config.json say which.
@@ -222,7 +222,7 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert json.loads((tmp_path / "run" / "config.json").read_text())["resolution"] == host.default_resolution
     assert status["cpu_threads"].startswith("1 CPU thread")  # the tests run torch on one thread
     # The held-out score at the end (eval_every 50 > 3 steps): for the chart and the status.
-    assert [point[0] for point in status["held_out_history"]] == [3]
+    assert [point[0] for point in status["held_out_history"]] == [0, 3]  # the initial vectors, then the end
     assert status["held_out_loss"] == status["held_out_history"][-1][1] > 0
     assert status["started_at"] <= status["finished_at"] and status["elapsed_s"] >= 0
     result = status["result"]
@@ -609,7 +609,8 @@ def test_the_config_schema_describes_every_field(api):
     lr = fields["learning_rate"]
     help_text = next(f.metadata["help"] for f in TrainConfig.fields() if f.name == "learning_rate")
     assert lr["help"] == help_text and "piecewise schedule" in lr["help"]
-    assert (lr["type"], lr["default"], lr["accepts_number"], lr["choices"]) == ("str", "0.01", True, None)
+    default_rate = TrainConfig().learning_rate
+    assert (lr["type"], lr["default"], lr["accepts_number"], lr["choices"]) == ("str", default_rate, True, None)
     assert (fields["max_steps"]["type"], fields["max_steps"]["default"], fields["max_steps"]["min"]) == ("int", 1000, 1)
     assert fields["num_vectors"]["max"] == 75 and fields["tag_dropout"]["type"] == "float"
     assert fields["crop"]["choices"] == ["center", "random"] and fields["flip"]["type"] == "bool"

@@ -27,12 +27,12 @@ def test_form_sends_changed_fields_only():
 
 
 def test_defaults_per_family():
-    assert tab.family_defaults("sd1") == tab.FamilyDefaults(512, "0.01")
+    assert tab.family_defaults("sd1") == tab.FamilyDefaults(512)
     assert tab.family_defaults("sd2", "eps").resolution == 512
     assert tab.family_defaults("sd2", "v").resolution == 768
-    assert tab.family_defaults("sdxl") == tab.FamilyDefaults(1024, "0.002")
+    assert tab.family_defaults("sdxl") == tab.FamilyDefaults(1024)
     assert tab.family_defaults(None).resolution == 512  # no model loaded yet
-    assert tab.family_defaults("sd1", "eps", 64) == tab.FamilyDefaults(64, "0.01")  # the checkpoint's own size
+    assert tab.family_defaults("sd1", "eps", 64) == tab.FamilyDefaults(64)  # the checkpoint's own size
 
 
 def test_dataset_check_lists_problems(tmp_path):

@@ -132,6 +132,17 @@ class A1111Host:
         rows = self._text_embedders[encoder_key].encode_embedding_init_text(text, 75)
         return rows.detach().to("cpu", torch.float32).reshape(-1, rows.shape[-1]).clone()
 
+    @torch.no_grad()
+    def encoder_output(self, encoder_key: str, text: str) -> torch.Tensor:
+        # The host's own encode step (its CLIP-skip and SDXL layer settings), on one start/end-framed chunk.
+        embedder = self._text_embedders[encoder_key]
+        ids = list(embedder.tokenize([text])[0])[:75]
+        tokens = [embedder.id_start, *ids, embedder.id_end]
+        tokens += [embedder.id_pad] * (77 - len(tokens))
+        device = next(embedder.parameters()).device  # --medvram may keep the text encoder in RAM
+        z = embedder.encode_with_transformers(torch.asarray([tokens], device=device))
+        return z[0, 1 : 1 + len(ids)].detach().to("cpu", torch.float32).clone()
+
     def vocabulary(self, encoder_key: str) -> torch.Tensor:
         embedder = self._text_embedders[encoder_key]
         wrapped = embedder.wrapped

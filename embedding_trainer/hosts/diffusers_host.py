@@ -180,6 +180,16 @@ class DiffusersHost:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         return encoder.get_input_embeddings().weight[ids].detach().float().cpu().clone()
 
+    @torch.no_grad()
+    def encoder_output(self, encoder_key: str, text: str) -> torch.Tensor:
+        encoder, tokenizer = self._encoder(encoder_key)
+        ids = tokenizer(text, add_special_tokens=False).input_ids[: MAX_TOKENS - 2]
+        full = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        full += [tokenizer.pad_token_id] * (MAX_TOKENS - len(full))
+        out = encoder(torch.tensor([full], device=self.device), output_hidden_states=True)
+        hidden = out.hidden_states[-2] if self.family == "sdxl" else out.last_hidden_state  # as encode_prompts
+        return hidden[0, 1 : 1 + len(ids)].float().cpu().clone()
+
     def vocabulary(self, encoder_key: str) -> torch.Tensor:
         return self._encoder(encoder_key)[0].get_input_embeddings().weight.detach()
 

@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="demo-output", help="folder for the photos, embedding, grid and scores")
     demo.add_argument(
-        "--concept", default="heart", choices=sorted(HELD_OUT_CONCEPTS), help="the held-out concept to learn"
+        "--concept",
+        default="heart",
+        help="the held-out concept to learn",
+        choices=sorted(name for name, concept in HELD_OUT_CONCEPTS.items() if not concept.erase),  # the shipped model
     )
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--seed", type=int, default=0)
@@ -132,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "resume", ""):
         from ..run_state import find_state, load_state
 
-        values.update(json.loads(load_state(find_state(args.resume))[1]["config"]))
+        values.update(TrainConfig.saved_fields(load_state(find_state(args.resume))[1]["config"]))
     if args.config:
         config_file = Path(args.config)
         if not config_file.is_file():
@@ -289,6 +292,14 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         result.embedding_path,
         "".join(f"\n also:     {p}" for p in result.extra_paths),
     )
+    if result.early_stopped:
+        logger.info("stopped early: the held-out score had not improved for %d evaluations", config.early_stop_patience)
+    if result.held_out_loss is not None:
+        which = "the best held-out score" if result.vectors_step != result.steps else "the last step"
+        logger.info(
+            "the file holds step %d's vectors (%s): held-out loss %.4f", result.vectors_step, which,
+            result.held_out_loss,
+        )  # fmt: skip
     if trainer.warnings:
         logger.warning("%d warning(s):%s", len(trainer.warnings), "".join(f"\n  {w}" for w in trainer.warnings))
     if result.stopped:

@@ -896,10 +896,11 @@ def trained_model(
     return BaseModel(unet.eval(), vae, text_encoder.eval(), tokenizer, scheduler_config())
 
 
-def held_out_token_ids(tokenizer: Any) -> dict[str, int]:
-    """The token id of each held-out word (each is one CLIP token that no other caption word uses)."""
+def held_out_token_ids(tokenizer: Any, words: Sequence[str] | None = None) -> dict[str, int]:
+    """The token id of each held-out word (default: ``world.held_out_words()``); each must be one CLIP token that no
+    other caption word uses."""
     ids = {}
-    for word in world.held_out_words():
+    for word in world.held_out_words() if words is None else words:
         tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(tokens) != 1:
             raise BaseModelError(f"held-out word {word!r} is {len(tokens)} CLIP tokens; held-out words must be one")
@@ -912,15 +913,25 @@ def held_out_token_ids(tokenizer: Any) -> dict[str, int]:
 
 
 @torch.no_grad()
-def erase_held_out_words(text_encoder: Any, tokenizer: Any, initial_encoder: Any) -> dict[str, int]:
+def erase_held_out_words(
+    text_encoder: Any, tokenizer: Any, initial_encoder: Any, words: Sequence[str] | None = None
+) -> dict[str, int]:
     """Put the held-out words' token rows of ``text_encoder`` back to ``initial_encoder``'s (the same architecture
     and seed before training): they become like the ~49k tokens the captions never used, and the model keeps what it
-    learnt to draw but loses the words for it. Returns the erased ids."""
-    ids = held_out_token_ids(tokenizer)
+    learnt to draw but loses the words for it. ``words``: other words than the shipped held-out ones (the learning
+    benchmark erases one more per concept). Returns the erased ids."""
+    ids = held_out_token_ids(tokenizer, words)
     rows = torch.tensor(sorted(ids.values()))
     table = text_encoder.get_input_embeddings().weight
     table[rows] = initial_encoder.get_input_embeddings().weight[rows].to(table)
     return ids
+
+
+def initial_text_encoder(folder: str | Path) -> Any:
+    """The text encoder of a saved model's plan before training (its held-out rows are these rows)."""
+    record = json.loads((Path(folder) / "training_record.json").read_text(encoding="utf-8"))
+    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in record["plan"]["arch"].items()}
+    return build_text_encoder(Architecture(**arch), int(record["plan"]["seed"]))
 
 
 def save_model(model: BaseModel, folder: Path, record: dict[str, Any] | None = None) -> Path:

@@ -28,8 +28,8 @@ import torch
 
 from ..config import TrainConfig
 from ..embedding_file import EmbeddingData, save_embedding
-from ..trainer import Callbacks, Progress, Trainer
-from . import world
+from ..trainer import Callbacks, Trainer
+from . import base_model, world
 from .base_model import BaseModel, sample
 
 #: The trained base model that ships with the project (a diffusers folder, fp16 weights).
@@ -46,6 +46,13 @@ TEMPLATES = {
         "a drawing of a [name]",
     ),
     "texture": ("a [name] shape", "a photo of a [name] shape", "a [name] object", "a picture of a [name] figure"),
+    "colour": ("a [name] shape", "a photo of a [name] shape", "a [name] object", "a picture of a [name] figure"),
+    "background": (
+        "a shape on a [name] background",
+        "a photo of an object on a [name] background",
+        "[name] background, a picture of a figure",
+        "an image of a symbol, [name] background",
+    ),
 }
 
 
@@ -62,23 +69,57 @@ class Method:
 OUR_DEFAULTS = Method("ours", {}, "TrainConfig's defaults")
 #: The same with one vector per token (the WebUI's default count): one vs several vectors.
 OUR_DEFAULTS_1_VECTOR = Method("ours-1-vector", {"num_vectors": 1}, "TrainConfig's defaults with 1 vector")
+#: The plain loop, none of the methods of the quality issue: the defaults before them (the ablation's base).
+PLAIN = {
+    "num_vectors": 4, "batch_size": 4, "learning_rate": "0.01", "lr_scale": "absolute", "lr_scheduler": "constant",
+    "init_mode": "text", "init_text": "*", "norm_band": 0.0, "final_vectors": "last", "early_stop_patience": 0,
+    "eval_every": 25, "min_snr_gamma": 0.0, "weight_decay": 0.0,
+}  # fmt: skip
+PLAIN_LOOP = Method("plain", PLAIN, "4 vectors, batch 4, absolute lr 0.01, init '*', last vectors (the old defaults)")
+#: One method at a time on top of the plain loop, then all together (the ablation).
+ABLATION = (
+    PLAIN_LOOP,
+    Method("+best-word", {**PLAIN, "init_mode": "best-word"}, "init: the candidate word with the lowest loss"),
+    Method("+encoder-output", {**PLAIN, "init_mode": "encoder-output"}, "init: the encoder's output for '*'"),
+    Method("+norm-band-1.5", {**PLAIN, "norm_band": 1.5}, "lengths within x1.5 of the prompt words' median"),
+    Method("+norm-band-1", {**PLAIN, "norm_band": 1.0}, "lengths fixed at the prompt words' median"),
+    Method("+table-lr", {**PLAIN, "lr_scale": "table", "learning_rate": "0.007"}, "lr 0.007 in table units"),
+    Method("+best", {**PLAIN, "final_vectors": "best"}, "the file holds the best-scored vectors"),
+    Method(
+        "+best+early-stop", {**PLAIN, "final_vectors": "best", "early_stop_patience": 3},
+        "the best-scored vectors; stop after 3 evaluations without improvement",
+    ),
+)  # fmt: skip
 #: The WebUI's built-in trainer's defaults, reproduced with our loop.
 WEBUI_DEFAULTS = Method(
     "webui-defaults",
-    {"learning_rate": "0.005", "lr_scheduler": "constant", "batch_size": 1, "grad_accum": 1, "init_text": "*",
-     "num_vectors": 1, "min_snr_gamma": 0.0},
+    {**PLAIN, "learning_rate": "0.005", "batch_size": 1, "num_vectors": 1},
     "lr 0.005 constant, batch 1, init '*', 1 vector, no min-SNR (A1111's Train tab)",
-)  # fmt: skip
-METHODS = {m.name: m for m in (OUR_DEFAULTS, WEBUI_DEFAULTS, OUR_DEFAULTS_1_VECTOR)}
+)
+#: diffusers' example script's recipe (its README's rate: 5e-4 x scale_lr at 4 images per step), with our loop:
+#: one vector from one token, AdamW with weight decay 0.01, constant rate, the last vectors.
+DIFFUSERS_EXAMPLE = Method(
+    "diffusers-example",
+    {**PLAIN, "learning_rate": "0.002", "num_vectors": 1, "weight_decay": 0.01},
+    "lr 0.002 constant at batch 4, 1 vector, weight decay 0.01, init '*' (diffusers' textual_inversion.py README)",
+)
+METHODS = {m.name: m for m in (OUR_DEFAULTS, WEBUI_DEFAULTS, OUR_DEFAULTS_1_VECTOR, DIFFUSERS_EXAMPLE, *ABLATION)}
 
 
 @dataclass
 class Scores:
-    """Judged rates of one embedding: the fraction of images that show what was asked, per prompt set."""
+    """Judged rates of one embedding: the fraction of images that show what was asked, per prompt set.
+
+    ``leakage``: in the edits, the share of (image, attribute the prompt does not ask for) where the image shows the
+    photos' most common value of that attribute (a plain texture does not count: it is what an unasked texture is).
+    """
 
     reconstruction: float
     editability: float
     images: int
+    leakage: float = float("nan")
+    held_out_loss: float = float("nan")  # the trainer's score of the judged vectors (nan: not evaluated)
+    step: int = 0  # the run step of the judged vectors (the best one's for final_vectors best)
 
 
 @dataclass
@@ -92,6 +133,23 @@ class ConceptRun:
     train_s: float
     steps_per_s: float
     embedding_paths: dict[int, Path] = field(default_factory=dict)
+    steps_trained: int = 0  # less than the largest budget when the run stopped early
+    init_choice: str = ""
+    initial_loss: float = float("nan")  # the held-out score at step 0
+
+
+@dataclass
+class TrainedSnapshots:
+    """What one training run gives the judges: the vectors a run of each budget would have written."""
+
+    vectors: dict[int, dict[str, torch.Tensor]]  # budget -> vectors (0: the initial ones)
+    steps: dict[int, int]  # budget -> the run step of those vectors
+    scores: dict[int, float]  # run step -> held-out score (eval_every)
+    train_s: float
+    steps_per_s: float
+    steps_trained: int
+    init_choice: str
+    config: TrainConfig
 
 
 def concept_template(concept: world.HeldOutConcept, folder: Path) -> Path:
@@ -101,12 +159,51 @@ def concept_template(concept: world.HeldOutConcept, folder: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def concept_erased(
+    concept: world.HeldOutConcept, encoders: Sequence[Any], tokenizer: Any, model_folder: Path = SHIPPED_MODEL
+) -> Iterator[None]:
+    """The concept's own ``erase`` words taken out of ``encoders`` (the judged model's and the trainer's) for the
+    duration, as the shipped model's held-out words are for good; restored afterwards."""
+    if not concept.erase:
+        yield
+        return
+    initial = base_model.initial_text_encoder(model_folder)
+    tables = [encoder.get_input_embeddings().weight for encoder in encoders]
+    ids = torch.tensor(sorted(base_model.held_out_token_ids(tokenizer, concept.erase).values()))
+    saved = [table[ids].detach().clone() for table in tables]
+    with torch.no_grad():
+        for encoder in encoders:
+            base_model.erase_held_out_words(encoder, tokenizer, initial, concept.erase)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for table, rows in zip(tables, saved):
+                table[ids.to(table.device)] = rows
+
+
+def photo_main_values(concept: world.HeldOutConcept, photos: int, seed: int) -> dict[str, str]:
+    """The most common value of each attribute the concept leaves free, over its user photos (when at least two
+    photos share it; a plain texture is left out: it is what an image shows when no texture is asked for)."""
+    scenes = world.user_photo_scenes(concept, photos, seed)
+    main = {}
+    for attribute in world.ATTRIBUTES:
+        if attribute in concept.attributes:
+            continue
+        values = [getattr(scene, attribute) for scene in scenes]
+        value = max(sorted(set(values)), key=values.count)
+        if values.count(value) >= 2 and value != "solid":
+            main[attribute] = value
+    return main
+
+
 def write_user_photos(concept: world.HeldOutConcept, folder: Path, count: int = 4, seed: int = 0) -> list[Path]:
     """The concept's user photos as PNG files (no captions: the templates carry the prompts)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(world.user_photos(concept, count, seed)):
-        path = folder / f"{concept.name}-{i:02d}.png"
+        path = folder / f"photo-{i:02d}.png"  # a neutral name: captions from file names must not name the concept
         image.save(path)
         paths.append(path)
     return paths
@@ -122,9 +219,10 @@ def train_concept(
     seed: int = 0,
     photos: int = 4,
     on_progress: Any = None,
-) -> tuple[dict[int, dict[str, torch.Tensor]], float, float, TrainConfig]:
-    """Train ``method`` on ``concept``'s user photos up to the largest budget; returns the vectors at 0 (initial)
-    and at every budget, the training time, steps/s and the config used."""
+) -> TrainedSnapshots:
+    """Train ``method`` on ``concept``'s user photos once, to the largest budget; for each budget (and 0: the initial
+    vectors) keep the vectors a run with that ``max_steps`` would have written: with ``final_vectors best``, those of
+    the best-scored evaluation up to there (step 0 excluded), and never past an early stop."""
     images = work / "photos"
     write_user_photos(concept, images, photos, seed)
     fields = {
@@ -141,22 +239,37 @@ def train_concept(
         **method.fields,
     }
     config = TrainConfig(**fields)
-    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    kept: dict[int, dict[str, torch.Tensor]] = {}
     wanted = set(budgets)
 
     def on_step(step: int, vectors: dict[str, torch.Tensor]) -> None:
-        if step in wanted:
-            snapshots[step] = {k: v.detach().cpu().clone() for k, v in vectors.items()}
+        if step in wanted or (config.eval_every and step % config.eval_every == 0):
+            kept[step] = {k: v.detach().cpu().clone() for k, v in vectors.items()}
 
-    def progress(p: Progress) -> None:
-        if on_progress is not None:
-            on_progress(p)
-
-    trainer = Trainer(config, host, Callbacks(on_step=on_step, on_progress=progress))
-    snapshots[0] = {k: v.detach().cpu().clone() for k, v in trainer.vectors.items()}
+    callbacks = Callbacks(on_step=on_step, on_progress=on_progress)
+    trainer = Trainer(config, host, callbacks)
     result = trainer.run()
+    kept[0] = {k: v.detach().cpu().clone() for k, v in trainer.initial_vectors.items()}
+    steps: dict[int, int] = {0: 0}
+    for budget in budgets:
+        end = min(budget, result.steps)
+        step = end
+        if config.final_vectors == "best":
+            scored = [s for s in trainer.scores if 0 < s <= end]
+            if scored:
+                step = min(scored, key=lambda s: (trainer.scores[s], s))
+        steps[budget] = step
     steps_per_s = result.steps / result.elapsed_s if result.elapsed_s > 0 else float("nan")
-    return snapshots, result.elapsed_s, steps_per_s, config
+    return TrainedSnapshots(
+        vectors={b: kept[s] for b, s in steps.items()},
+        steps=steps,
+        scores=dict(trainer.scores),
+        train_s=result.elapsed_s,
+        steps_per_s=steps_per_s,
+        steps_trained=result.steps,
+        init_choice=result.init_choice,
+        config=config,
+    )
 
 
 @contextlib.contextmanager
@@ -191,8 +304,10 @@ def score_embedding(
     seed: int = 0,
     sample_steps: int = 25,
     guidance: float = 4.0,
+    photo_values: dict[str, str] | None = None,
 ) -> Scores:
-    """Judge images drawn with the embedding at ``path``: reconstruction and editability rates."""
+    """Judge images drawn with the embedding at ``path``: reconstruction and editability rates, and the leakage of
+    ``photo_values`` (the photos' common attribute values, ``photo_main_values``) into the edits."""
     recon = world.reconstruction_prompts(concept, TRIGGER)
     edits = world.edit_cases(concept, TRIGGER, edit_prompts, seed=seed)
     cases = [(c, "recon") for c in recon] + [(c, "edit") for c in edits]
@@ -200,11 +315,21 @@ def score_embedding(
     with embedding_loaded(model, path) as convert:
         images = sample(model, convert(prompts), steps=sample_steps, guidance=guidance, seed=seed)
     hits: dict[str, list[bool]] = {"recon": [], "edit": []}
+    leaks: list[bool] = []
     for index, (case, kind) in enumerate(cases):
         chunk = images[index * images_per_prompt : (index + 1) * images_per_prompt]
+        verdicts = judges(chunk)
         judged = {k: v for k, v in case.expected.items() if k in judges.classes}  # e.g. no size judge
-        hits[kind].extend(bool(x) for x in judges.shows(chunk, judged))
-    return Scores(float(np.mean(hits["recon"])), float(np.mean(hits["edit"])), len(prompts))
+        shown = np.ones(len(chunk), dtype=bool)
+        for attribute, value in judged.items():
+            shown &= np.array([label == value for label in verdicts[attribute].labels])
+        hits[kind].extend(bool(x) for x in shown)
+        if kind == "edit":
+            for attribute, value in (photo_values or {}).items():
+                if attribute in judges.classes and attribute not in case.expected:
+                    leaks.extend(label == value for label in verdicts[attribute].labels)
+    leakage = float(np.mean(leaks)) if leaks else float("nan")
+    return Scores(float(np.mean(hits["recon"])), float(np.mean(hits["edit"])), len(prompts), leakage)
 
 
 def evaluate_concept(
@@ -221,18 +346,31 @@ def evaluate_concept(
     images_per_prompt: int = 4,
     on_progress: Any = None,
 ) -> ConceptRun:
-    """Train once, then score the initial vectors and the vectors at each budget."""
-    snapshots, train_s, steps_per_s, config = train_concept(
-        host, concept, method, budgets, work, seed=seed, photos=photos, on_progress=on_progress
-    )
-    scores: dict[int, Scores] = {}
-    paths: dict[int, Path] = {}
-    for step in sorted(snapshots):
-        path = work / "snapshots" / f"{TRIGGER}-{step:05d}.safetensors"
-        save_embedding(EmbeddingData(TRIGGER, snapshots[step], step=step), path, overwrite=True)
-        paths[step] = path
-        scores[step] = score_embedding(model, judges, concept, path, images_per_prompt=images_per_prompt, seed=seed)
-    return ConceptRun(concept.name, method.name, seed, scores, train_s, steps_per_s, paths)
+    """Train once, then score the initial vectors and the vectors at each budget (with the concept's ``erase``
+    words taken out of both text encoders meanwhile)."""
+    encoders = [model.text_encoder, *host.text_encoders]
+    with concept_erased(concept, encoders, model.tokenizer):
+        trained = train_concept(host, concept, method, budgets, work, seed=seed, photos=photos, on_progress=on_progress)
+        photo_values = photo_main_values(concept, photos, seed)
+        scores: dict[int, Scores] = {}
+        paths: dict[int, Path] = {}
+        for budget in sorted(trained.vectors):
+            path = work / "snapshots" / f"{TRIGGER}-{budget:05d}.safetensors"
+            step = trained.steps[budget]
+            save_embedding(EmbeddingData(TRIGGER, trained.vectors[budget], step=step), path, overwrite=True)
+            paths[budget] = path
+            judged = score_embedding(
+                model, judges, concept, path, images_per_prompt=images_per_prompt, seed=seed,
+                photo_values=photo_values,
+            )  # fmt: skip
+            judged.held_out_loss = trained.scores.get(step, float("nan"))
+            judged.step = step
+            scores[budget] = judged
+    return ConceptRun(
+        concept.name, method.name, seed, scores, trained.train_s, trained.steps_per_s, paths,
+        steps_trained=trained.steps_trained, init_choice=trained.init_choice,
+        initial_loss=trained.scores.get(0, float("nan")),
+    )  # fmt: skip
 
 
 def mean_and_interval(values: Sequence[float]) -> tuple[float, float]:

@@ -435,8 +435,11 @@ class HeldOutConcept:
     """A concept the base model can draw but has no word for: the benchmark's subject for textual inversion.
 
     ``attributes`` is what the judges must see for an image to show the concept; ``kind`` says how a prompt uses
-    the placeholder: an ``"object"`` is a noun ("a <x> in blue"), a ``"texture"`` an adjective ("a blue <x> star").
+    the placeholder: an ``"object"`` is a noun ("a <x> in blue"), a ``"texture"`` or ``"colour"`` an adjective
+    ("a blue <x> star", "a <x> striped star"), a ``"background"`` names the backdrop ("a star on a <x> background").
     ``forbidden`` are word stems that must never start a word of a training caption.
+    ``erase`` are caption words the benchmark erases from the model's text encoder for this concept only (as the
+    shipped model's held-out words are erased for good): the concept's word no longer reaches what the UNet learnt.
     """
 
     name: str
@@ -446,6 +449,7 @@ class HeldOutConcept:
     description: str
     #: Attributes the user photos keep varied and that an edit prompt may request.
     editable: tuple[str, ...] = field(default=())
+    erase: tuple[str, ...] = field(default=())
 
     def shown(self, attributes: Mapping[str, str]) -> bool:
         return all(attributes.get(k) == v for k, v in self.attributes.items())
@@ -485,6 +489,42 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
             (),
             "a checked star (both words are known; the concept is their binding); shape 'star' and texture 'checks'",
             ("colour", "background", "size"),
+        ),
+        # Concepts made by erasing one more word of the shipped model, for this concept only (``erase``).
+        HeldOutConcept(
+            "purple",
+            "colour",
+            {"colour": "purple"},
+            (),
+            "the colour purple on any shape, its word erased; the colour judge must say 'purple'",
+            ("shape", "background", "texture", "size"),
+            erase=("purple",),
+        ),
+        HeldOutConcept(
+            "cross",
+            "object",
+            {"shape": "cross"},
+            (),
+            "a cross shape, its word erased; the shape judge must say 'cross'",
+            ("colour", "background", "texture", "size"),
+            erase=("cross",),
+        ),
+        HeldOutConcept(
+            "striped_circle",
+            "object",
+            {"shape": "circle", "texture": "stripes"},
+            (),
+            "a striped circle (a second binding of two known words); shape 'circle' and texture 'stripes'",
+            ("colour", "background", "size"),
+        ),
+        HeldOutConcept(
+            "brown_background",
+            "background",
+            {"background": "brown"},
+            (),
+            "a brown backdrop behind any shape (a style of the whole picture), its word erased",
+            ("shape", "colour", "texture", "size"),
+            erase=("brown",),
         ),
     )
 }
@@ -541,9 +581,12 @@ class EditCase:
 
 def reconstruction_prompts(concept: HeldOutConcept | str, placeholder: str) -> list[EditCase]:
     concept = HELD_OUT_CONCEPTS[concept] if isinstance(concept, str) else concept
-    prompts = [f"a photo of a {placeholder}", f"a {placeholder}"]
-    if concept.kind == "texture":
-        prompts = [f"a photo of a {placeholder} shape", f"a {placeholder} object"]
+    prompts = {
+        "object": [f"a photo of a {placeholder}", f"a {placeholder}"],
+        "texture": [f"a photo of a {placeholder} shape", f"a {placeholder} object"],
+        "colour": [f"a photo of a {placeholder} shape", f"a {placeholder} object"],
+        "background": [f"a photo of a shape on a {placeholder} background", f"an object, {placeholder} background"],
+    }[concept.kind]
     return [EditCase(p, dict(concept.attributes)) for p in prompts]
 
 
@@ -554,11 +597,22 @@ def edit_cases(concept: HeldOutConcept | str, placeholder: str, n: int = 8, seed
     cases = []
     for i in range(n):
         want = sample_scene(rng, uniform=True, include_held_out=False, fixed=concept.attributes).attributes()
-        colour, background = want["colour"], want["background"]
+        colour, background, shape = want["colour"], want["background"], want["shape"]
         expected = {**concept.attributes, "colour": colour, "background": background}
+        texture = TEXTURE_ADJECTIVES[want["texture"]][-1]  # "solid", "striped", "checked"
         if concept.kind == "texture":
-            expected["shape"] = want["shape"]
-            prompt = f"a {colour} {placeholder} {want['shape']} on a {background} background"
+            expected["shape"] = shape
+            prompt = f"a {colour} {placeholder} {shape} on a {background} background"
+        elif concept.kind == "colour":
+            expected = {**concept.attributes, "texture": want["texture"], "shape": shape, "background": background}
+            prompt = f"a {texture} {placeholder} {shape} on a {background} background"
+        elif concept.kind == "background":
+            expected = {**concept.attributes, "colour": colour, "shape": shape}
+            if i % 2 == 0:
+                prompt = f"a {colour} {shape} on a {placeholder} background"
+            else:
+                expected["texture"] = want["texture"]
+                prompt = f"{placeholder} background, a {texture} {colour} {shape}"
         elif i % 2 == 0:
             prompt = f"a {placeholder} in {colour} on a {background} background"
         else:

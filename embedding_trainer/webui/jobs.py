@@ -536,13 +536,21 @@ class RunManager:
                 "smoothed_loss": result.smoothed_loss,
                 "elapsed_s": result.elapsed_s,
                 "stopped": result.stopped,
+                "early_stopped": result.early_stopped,
+                "vectors_step": result.vectors_step,  # the run step whose vectors the file holds
+                "held_out_loss": result.held_out_loss,  # their held-out score
+                "init_choice": result.init_choice,
                 "extra_paths": [str(p) for p in result.extra_paths],
             }
             record.step = result.steps
             record.cpu_threads = result.cpu_threads.describe() if result.cpu_threads else None
             record.state = "stopped" if result.stopped else "finished"
             verb = "stopped at" if result.stopped else "finished after"
+            if result.early_stopped:
+                verb = "stopped early (the held-out score stopped improving) after"
             record.status_text = f"{verb} step {result.steps}; saved {result.embedding_path}"
+            if result.vectors_step != result.steps:
+                record.status_text += f" (step {result.vectors_step}'s vectors: the best held-out score)"
             record.finished_at = time.time()
         logger.info("run %s %s", record.id, record.status_text)
 

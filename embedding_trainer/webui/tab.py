@@ -125,25 +125,19 @@ class FamilyDefaults:
     """What the tab fills in for the loaded model when the page loads."""
 
     resolution: int
-    learning_rate: str
 
 
 def family_defaults(
     family: str | None, prediction_type: str | None = None, native_resolution: int | None = None
 ) -> FamilyDefaults:
     """The checkpoint's own resolution (``native_resolution``, from its config; else the family's usual: 512 for
-    SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL) and a learning rate.
-
-    SD1/SD2 take ``TrainConfig``'s rate (0.01 at batch 4, chosen by the learning benchmark). SDXL gets 0.002, the
-    effective rate of diffusers' SDXL textual-inversion example (5e-4 scaled by its 4 accumulated images): SDXL's
-    two encoders move together, and the other rate suits one CLIP-L.
-    """
+    SD1 and SD2-base, 768 for SD2-v, 1024 for SDXL). The learning rate needs no per-family default: it is measured
+    in units of each text encoder's table (``lr_scale table``)."""
     if family == "sdxl":
-        return FamilyDefaults(native_resolution or 1024, "0.002")
-    rate = TrainConfig().learning_rate
+        return FamilyDefaults(native_resolution or 1024)
     if family == "sd2" and prediction_type in ("v", "v_prediction"):
-        return FamilyDefaults(native_resolution or 768, rate)
-    return FamilyDefaults(native_resolution or 512, rate)
+        return FamilyDefaults(native_resolution or 768)
+    return FamilyDefaults(native_resolution or 512)
 
 
 def run_options_body(values: Any) -> dict[str, Any]:
@@ -290,8 +284,18 @@ def result_html(status: dict[str, Any] | None, error: str | None = None) -> str:
             ("Resolution", f"{status.get('resolution')} px"),
             ("Time", format_duration(float(result.get("elapsed_s") or 0.0))),
             ("Final loss", f"{_loss(result.get('final_loss'))} (smoothed {_loss(result.get('smoothed_loss'))})"),
-            ("File", result.get("embedding_path", "")),
         ]
+        if result.get("held_out_loss") is not None:
+            best = result.get("vectors_step") != result.get("steps")
+            rows.append(
+                ("File holds", f"step {result.get('vectors_step')}'s vectors, held-out loss "
+                 f"{_loss(result.get('held_out_loss'))}" + (" (the best score of the run)" if best else ""))
+            )  # fmt: skip
+        if result.get("early_stopped"):
+            rows.append(("Stopped early", "the held-out score had stopped improving"))
+        if result.get("init_choice"):
+            rows.append(("Init word", f"'{result['init_choice']}' (the lowest loss on the images)"))
+        rows.append(("File", result.get("embedding_path", "")))
         body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
         parts.append(f"<table class='embtrain-result'>{body}</table>")
     for warning in status.get("warnings") or []:
@@ -381,6 +385,11 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
                     refresh = gr.Button("\U0001f504", elem_id="embtrain_refresh", elem_classes="embtrain-tool")
                 name_check = gr.HTML(elem_id="embtrain_name_check")
                 with gr.Row():
+                    init_mode_spec = field_specs(("init_mode",))[0]
+                    init_mode = gr.Dropdown(
+                        label="Initialization", value=defaults.init_mode, elem_id="embtrain_init_mode",
+                        choices=[c for c in init_mode_spec.choices or () if c != "file"], info=init_mode_spec.info,
+                    )  # fmt: skip
                     init_text = gr.Textbox(
                         label="Initialization text", value=defaults.init_text, lines=1, elem_id="embtrain_init_text",
                         info="A word close to the concept, e.g. 'cat' (new embeddings only).",
@@ -422,14 +431,12 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
                 task_id = gr.Textbox(visible=False, elem_id="embtrain_task_id")
 
         resolution = main_components[MAIN_FIELDS.index("resolution")]
-        learning_rate = main_components[MAIN_FIELDS.index("learning_rate")]
 
-        def load_model_defaults() -> tuple[int, str]:
+        def load_model_defaults() -> int:
             # Read each time the page loads: the user may have switched checkpoints since.
-            defaults = model_defaults(glue)
-            return defaults.resolution, defaults.learning_rate
+            return model_defaults(glue).resolution
 
-        blocks.load(fn=load_model_defaults, inputs=[], outputs=[resolution, learning_rate])
+        blocks.load(fn=load_model_defaults, inputs=[], outputs=[resolution])
 
         def refresh_existing():
             return gr.update(choices=[NEW_EMBEDDING] + embedding_files(_embeddings_dir(glue)))
@@ -448,14 +455,15 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
         check.click(fn=do_check, inputs=[images, recursive, template], outputs=[dataset_report, gallery])
 
         def do_start(task: str, *values: Any):
-            name_value, existing_value, init_value, vectors_value, images_value = values[:5]
-            preview_values = values[5 : 5 + len(RUN_OPTIONS)]
-            rest = values[5 + len(RUN_OPTIONS) :]
+            name_value, existing_value, mode_value, init_value, vectors_value, images_value = values[:6]
+            preview_values = values[6 : 6 + len(RUN_OPTIONS)]
+            rest = values[6 + len(RUN_OPTIONS) :]
             own = {"name": str(name_value or "").strip(), "images": str(images_value or "").strip()}
             if existing_value and existing_value != NEW_EMBEDDING:
                 own["init_mode"] = "file"
                 own["init_file"] = os.path.join(_embeddings_dir(glue), existing_value)
             else:
+                own["init_mode"] = str(mode_value or defaults.init_mode)
                 own["init_text"] = str(init_value if init_value is not None else "*")
                 own["num_vectors"] = coerce_value(field_specs(("num_vectors",))[0], vectors_value)
             body = dict(own)
@@ -472,7 +480,7 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
         start.click(
             fn=wrapped,
             _js="embtrain_start",
-            inputs=[task_id, name, existing, init_text, num_vectors, images]
+            inputs=[task_id, name, existing, init_mode, init_text, num_vectors, images]
             + preview_components
             + main_components
             + adv_components,
