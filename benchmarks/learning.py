@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (e.g. 2 x --threads 1)")
     p.add_argument("--out", type=Path, default=Path("bench-learning"))
     p.add_argument("--short", action="store_true", help="one concept, one seed, budgets 25 and 100, two methods")
+    p.add_argument(
+        "--from-csv", nargs="+", type=Path, default=[], metavar="CSV",
+        help="train nothing: summarise the rows of earlier runs' learning.csv files together (e.g. two sessions)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.short:
         args.concepts, args.seeds, args.budgets = args.concepts[:1], args.seeds[:1], [25, 100]
@@ -178,6 +182,35 @@ def score_correlations(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """The summary and the per-concept counts as Markdown tables (what RESULTS.md shows)."""
+    lines = [
+        "| method | steps | reconstruction | editability | leakage above step 0 | runs that found it | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in summary:
+        lines.append(
+            f"| {e['method']} | {e['steps']} | {e['reconstruction']:.3f} ± {e['reconstruction_ci95']:.3f} "
+            f"| {e['editability']:.3f} ± {e['editability_ci95']:.3f} "
+            f"| {e['leakage_above_0']:+.3f} ± {e['leakage_above_0_ci95']:.3f} | {e['found']}/{e['runs']} "
+            f"| {e['train_s']:.1f} |"
+        )
+    concepts = sorted({r["concept"] for r in rows}, key=[r["concept"] for r in rows].index)
+    lines += ["", "| method | steps | " + " | ".join(concepts) + " |", "|---|---|" + "---|" * len(concepts)]
+    for e in summary:
+        if e["steps"] == 0:
+            continue
+        found = found_counts(rows, e["method"], e["steps"])
+        cells = []
+        for concept in concepts:
+            group = [r for r in rows if (r["method"], r["steps"], r["concept"]) == (e["method"], e["steps"], concept)]
+            recon = _mean([r["reconstruction"] for r in group])
+            edit = _mean([r["editability"] for r in group])
+            cells.append(f"{recon:.2f} / {edit:.2f} ({found[concept][0]}/{found[concept][1]})" if group else "")
+        lines.append(f"| {e['method']} | {e['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def print_table(summary: list[dict[str, Any]]) -> None:
     print(
         f"{'method':<18} {'steps':>5} {'reconstruction':>16} {'editability':>16} {'leak above 0':>16} "
@@ -264,8 +297,23 @@ def _run_one(task: tuple[learning.Method, str, int, list[int], int, Path]) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows: list[dict[str, Any]] = []
     started = time.perf_counter()
+    rows = [row for path in args.from_csv for row in read_rows(path)] if args.from_csv else train_and_judge(args)
+    write_results(args, rows, started)
+    return 0
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    numbers = {"seed": int, "steps": int, "images": int, "vectors_step": int, "steps_trained": int}
+    with open(path, newline="", encoding="utf-8") as f:
+        return [
+            {k: v if k in ("method", "concept", "init_choice") else numbers.get(k, float)(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def train_and_judge(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="embtrain-learning-") as tmp:
         tasks = [
             (method, concept, seed, args.budgets, args.images_per_prompt, Path(tmp) / f"{method.name}-{concept}-{seed}")
@@ -286,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             for task_rows, line in results:
                 rows.extend(task_rows)
                 print(line, flush=True)
+    return rows
+
+
+def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], started: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "learning.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -297,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(summary)
     plot(summary, args.out / "learning.png")
+    (args.out / "learning.md").write_text(markdown(summary, rows), encoding="utf-8")
     threads = args.threads or torch.get_num_threads()
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -314,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{correlations.get('within_runs', float('nan')):.3f} (mean over "
         f"{correlations.get('runs_with_varying_reconstruction', 0)} runs whose reconstruction varied)"
     )
-    print(f"\nwrote {args.out / 'learning.csv'}, {args.out / 'learning-summary.csv'}, {args.out / 'learning.png'}")
-    return 0
+    written = "learning.csv, learning-summary.csv, learning.png, learning.md and score-correlation.json"
+    print(f"\nwrote {written} in {args.out}")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,10 @@ class TrainConfig:
     card_picture: str = _f("", "Image the card shows (default: the run's first preview, else a plain tile).")
     save_every: int = _f(0, "Save an intermediate embedding and resumable state every N steps (0: off).", min=0)
     eval_every: int = _f(
-        50,
-        "Every N steps and at the end, score the vectors: the denoising loss on fixed views of the images (fixed "
-        "noise, timesteps and prompts; lower is better), in the status, the chart and the saved files (0: off).",
+        25,
+        "At the start, every N steps and at the end, score the vectors: the denoising loss on fixed views of the "
+        "images (fixed noise, timesteps and prompts; lower is better), in the status, the chart and the saved files "
+        "(0: off).",
         min=0,
     )
     early_stop_patience: int = _f(

@@ -437,7 +437,7 @@ class Trainer:
             + (f" ({len(self.scan.problems)} skipped)" if self.scan.problems else "")
             + f", x{c.repeats} repeats, {size}, latents {latents}",
             f"  vectors:   {self.num_vectors} x ({widths}), init {init}"
-            + (f", length within x{c.norm_band:g} of the vocabulary's median" if c.norm_band else ""),
+            + (f", length within x{c.norm_band:g} of the prompt words' median" if c.norm_band else ""),
             f"  steps:     {c.max_steps} (from {self.start_step}), batch {c.batch_size} x {c.grad_accum} accumulation,"
             f" {self.batches_per_epoch} batches per epoch",
             f"  optimiser: AdamW lr {lr}" + (f", warm-up {c.lr_warmup_steps}" if c.lr_warmup_steps else ""),

@@ -1,5 +1,5 @@
-"""The learning benchmark runs end to end on the shipped toy model (two parallel jobs, a two-step budget) and writes
-its table, CSVs and plot."""
+"""The learning benchmark runs end to end on the shipped toy model (two parallel jobs, a two-step budget, a concept
+whose word it erases for the run) and writes its tables, CSVs and plot; ``--from-csv`` summarises them again."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
 
 def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--concepts", "heart", "--methods", "ours", "webui-defaults", "--seeds", "0",
+        [sys.executable, str(SCRIPT), "--concepts", "purple", "--methods", "ours", "webui-defaults", "--seeds", "0",
          "--budgets", "2", "--images-per-prompt", "1", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -34,3 +34,11 @@ def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
     summary = (tmp_path / "learning-summary.csv").read_text(encoding="utf-8").splitlines()
     assert summary[0].startswith("method,steps,seeds,reconstruction") and len(summary) == 5
     assert (tmp_path / "learning.png").stat().st_size > 1000
+    assert all(r["leakage"] and r["held_out_loss"] for r in rows)  # leakage judged; the score of each judged vector
+    assert "| ours | 2 |" in (tmp_path / "learning.md").read_text(encoding="utf-8")
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from-csv", str(tmp_path / "learning.csv"), "--out", str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again" / "learning-summary.csv").read_text(encoding="utf-8") == "\n".join(summary) + "\n"

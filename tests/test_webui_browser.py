@@ -98,10 +98,11 @@ def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
     base, data = webui_ui
     make_images(tmp_path / "images", count=4)
     with tab_page(base, tmp_path / "embtrain-tab.png") as page:
-        # The checkpoint's own resolution (the tiny SD1's config: 8 latent pixels, so 64 px) and the SD1 learning
-        # rate are filled in when the page loads.
+        # The checkpoint's own resolution (the tiny SD1's config: 8 latent pixels, so 64 px) is filled in when the
+        # page loads; the learning rate is the default for every family (in table units).
         _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '64'", "no default")
-        assert _value(page, "embtrain_learning_rate") == "0.01"
+        assert _value(page, "embtrain_learning_rate") == TrainConfig().learning_rate
+        assert _value(page, "embtrain_init_mode") == TrainConfig().init_mode
         _fill(page, "embtrain_name", "uicat")
         _fill(page, "embtrain_init_text", "cat")
         _fill(page, "embtrain_images", str(tmp_path / "images"))

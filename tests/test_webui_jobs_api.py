@@ -221,7 +221,7 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     assert status["resolution"] == status["config"]["resolution"] == host.default_resolution
     assert json.loads((tmp_path / "run" / "config.json").read_text())["resolution"] == host.default_resolution
     assert status["cpu_threads"].startswith("1 CPU thread")  # the tests run torch on one thread
-    # The held-out score at the end (eval_every 50 > 3 steps): for the chart and the status.
+    # The held-out score at the start and the end (eval_every 25 > 3 steps): for the chart and the status.
     assert [point[0] for point in status["held_out_history"]] == [0, 3]  # the initial vectors, then the end
     assert status["held_out_loss"] == status["held_out_history"][-1][1] > 0
     assert status["started_at"] <= status["finished_at"] and status["elapsed_s"] >= 0
