@@ -68,8 +68,9 @@ class TrainConfig:
         "needs eval_every).",
         min=0,
     )
+    # last: on the toy model's benchmark the best-scored vectors edited worse (benchmarks/RESULTS.md).
     final_vectors: str = _f(
-        "best",
+        "last",
         "What the finished file holds: the vectors with the best held-out score (needs eval_every), or the last "
         "step's.",
         ("best", "last"),

@@ -64,7 +64,8 @@ def test_the_held_out_score_is_the_same_for_the_same_vectors(tmp_path, host):
 def test_the_file_holds_the_best_scored_vectors_and_says_which(tmp_path, host, monkeypatch):
     scripted_scores(monkeypatch, {0: 1.0, 2: 0.5, 4: 0.3, 6: 0.4})
     kept, callbacks = snapshots()
-    result = Trainer(config(tmp_path, max_steps=6, eval_every=2), host, callbacks).run()
+    run = config(tmp_path, max_steps=6, eval_every=2, final_vectors="best")
+    result = Trainer(run, host, callbacks).run()
     assert (result.steps, result.vectors_step, result.held_out_loss, result.early_stopped) == (6, 4, 0.3, False)
     data = load_embedding(result.embedding_path)
     assert torch.equal(data.vectors["vec"], kept[4]["clip_l"]) and not torch.equal(kept[4]["clip_l"], kept[6]["clip_l"])
@@ -72,10 +73,10 @@ def test_the_file_holds_the_best_scored_vectors_and_says_which(tmp_path, host, m
     assert float(data.metadata["held_out_loss"]) == 0.3
 
 
-def test_final_vectors_last_keeps_the_last_step(tmp_path, host, monkeypatch):
+def test_final_vectors_last_the_default_keeps_the_last_step(tmp_path, host, monkeypatch):
     scripted_scores(monkeypatch, {0: 1.0, 2: 0.5, 4: 0.3, 6: 0.4})
     kept, callbacks = snapshots()
-    result = Trainer(config(tmp_path, max_steps=6, eval_every=2, final_vectors="last"), host, callbacks).run()
+    result = Trainer(config(tmp_path, max_steps=6, eval_every=2), host, callbacks).run()  # last: the default
     assert result.vectors_step == 6
     assert torch.equal(load_embedding(result.embedding_path).vectors["vec"], kept[6]["clip_l"])
 
@@ -84,7 +85,7 @@ def test_early_stopping_stops_when_the_score_stalls_and_keeps_the_best(tmp_path,
     # Improves until step 4; 6 and 8 are no better (8 by less than the minimum improvement): stop at 8.
     scripted_scores(monkeypatch, {0: 1.0, 2: 0.6, 4: 0.5, 6: 0.55, 8: 0.4999, 10: 0.1})
     kept, callbacks = snapshots()
-    run = config(tmp_path, max_steps=20, eval_every=2, early_stop_patience=2)
+    run = config(tmp_path, max_steps=20, eval_every=2, early_stop_patience=2, final_vectors="best")
     result = Trainer(run, host, callbacks).run()
     assert (result.steps, result.early_stopped, result.stopped) == (8, True, False)
     assert max(kept) == 8  # no step after the stop
@@ -94,9 +95,10 @@ def test_early_stopping_stops_when_the_score_stalls_and_keeps_the_best(tmp_path,
 
 def test_a_resumed_run_replaces_the_best_vectors_file_its_run_wrote(tmp_path, host, monkeypatch):
     scripted_scores(monkeypatch, {0: 1.0, 2: 0.2, 4: 0.3})
-    Trainer(config(tmp_path, max_steps=4, eval_every=2, save_every=2), host).run()  # the file holds step 2
+    best = {"eval_every": 2, "final_vectors": "best"}
+    Trainer(config(tmp_path, max_steps=4, save_every=2, **best), host).run()  # the file holds step 2
     monkeypatch.setattr(Trainer, "_held_out_loss", lambda self, leaves, batches, seed: 0.1)
-    result = Trainer(config(tmp_path, max_steps=6, eval_every=2, resume=str(tmp_path / "run")), host).run()
+    result = Trainer(config(tmp_path, max_steps=6, resume=str(tmp_path / "run"), **best), host).run()
     assert result.steps == 6 and load_embedding(result.embedding_path).metadata["run_steps"] == "6"
 
 
