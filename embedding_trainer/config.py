@@ -75,6 +75,15 @@ class TrainConfig:
         "step's.",
         ("best", "last"),
     )
+    starts: int = _f(
+        1,
+        "Train this many starts from the same init for start_steps each, every one with its own noise, timestep and "
+        "prompt draws, and carry on with the one whose held-out score is lowest (1: off). A start that finds the "
+        "concept scores lower than one that does not; the cost is (starts - 1) x start_steps extra steps.",
+        min=1,
+        max=16,
+    )
+    start_steps: int = _f(50, "Steps each of the starts trains before the best one is chosen.", min=1)
     keep_saves: int = _f(3, "How many intermediate saves to keep (0: keep all).", min=0)
     resume: str = _f("", "Resume from a run folder (its latest save) or a state file written by a previous run.")
     # Data

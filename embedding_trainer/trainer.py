@@ -8,6 +8,7 @@ save therefore only needs the vectors, the optimiser state, the grad-scaler stat
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import functools
 import hashlib
@@ -103,6 +104,8 @@ class TrainResult:
     held_out_loss: float | None = None  # the held-out score of those vectors, when evaluated
     early_stopped: bool = False  # the held-out score stopped improving (``early_stop_patience``)
     init_choice: str = ""  # the word ``init_mode best-word`` chose
+    start_scores: list[float] = field(default_factory=list)  # ``starts``: each start's held-out score, in order
+    chosen_start: int = 0  # the start carried on (1-based; 0: one start)
 
 
 @dataclass
@@ -290,6 +293,9 @@ class Trainer:
         self._improved_at: int | None = None  # the last evaluation that beat the earlier ones by a margin
         self.early_stopped = False
         self.init_choice = ""
+        self.start_scores: list[float] = []
+        self.chosen_start = 0
+        self._other_starts_steps = 0  # steps the starts not chosen trained (for the speed and the ETA)
         self.resume_state: dict[str, torch.Tensor] | None = None
         # lr_scale table: each encoder's rate is scaled by its table's typical coordinate, SD1's being 1x.
         self.lr_factors = {
@@ -590,8 +596,19 @@ class Trainer:
                 )
         return True
 
+    def _scheduled_step(
+        self, step: int, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, seed: int | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Set the schedule's rate for ``step`` (each encoder's group scaled by its factor) and take the step;
+        returns its loss (on the device) and the rate."""
+        c = self.config
+        lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_factor"]
+        return self._optimizer_step(step, leaves, optimizer, seed), lr
+
     def _optimizer_step(
-        self, step: int, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+        self, step: int, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, seed: int | None = None
     ) -> torch.Tensor:
         """One optimiser step (``grad_accum`` micro-batches); returns its mean loss, a 0-d tensor on the device.
 
@@ -603,7 +620,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for micro in range(c.grad_accum):
-            loss = self._loss(step * c.grad_accum + micro, leaves)
+            loss = self._loss(step * c.grad_accum + micro, leaves, seed)
             if not loss.requires_grad:
                 raise TrainingError(_no_gradient_message(", ".join(leaves)))
             scaled = loss / c.grad_accum
@@ -674,9 +691,11 @@ class Trainer:
         if self.callbacks.on_init_choice:
             self.callbacks.on_init_choice(self.init_choice, losses)
 
-    def _evaluate(self, step: int, leaves: dict[str, torch.Tensor]) -> None:
-        """Score the vectors; keep the best ones (after step 0); stop early when the score has stalled."""
-        score = self._held_out_loss(leaves, EVAL_BATCHES, EVAL_SEED)
+    def _evaluate(self, step: int, leaves: dict[str, torch.Tensor], score: float | None = None) -> None:
+        """Score the vectors (unless ``score`` is theirs already); keep the best ones (after step 0); stop early when
+        the score has stalled."""
+        if score is None:
+            score = self._held_out_loss(leaves, EVAL_BATCHES, EVAL_SEED)
         self.scores[step] = score
         if self.callbacks.on_evaluation:
             self.callbacks.on_evaluation(step, score)
@@ -696,6 +715,72 @@ class Trainer:
                 f"stopping early at step {step}: the held-out score has not improved for {patience} evaluations "
                 f"(best {self.scores[self.best_step]:.4g} at step {self.best_step})"
             )
+
+    def _train_starts(
+        self, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, log: Any, loop_start: float
+    ) -> tuple[int, bool]:
+        """``starts``: train each start ``start_steps`` from the same vectors, each with its own draws of noise,
+        timesteps and prompts (the first with the run's own seed, so it is what a one-start run does), and carry on
+        with the one of lowest held-out score, its optimiser state included. Returns (step, stopped).
+
+        Whether a run finds its concept depends on its early random draws more than on anything a setting fixes;
+        the held-out score tells the starts that found it from those that did not (benchmarks/RESULTS.md)."""
+        c = self.config
+        length = min(c.start_steps, c.max_steps)
+        initial = {k: v.detach().clone() for k, v in leaves.items()}
+        best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any], Any, list[_PendingStep]] | None = None
+        stopped = False
+        for index in range(c.starts):
+            seed = c.seed if index == 0 else _seeded(c.seed, "start", index)
+            with torch.no_grad():
+                for key, leaf in leaves.items():
+                    leaf.copy_(initial[key])
+            optimizer.state.clear()  # each start has its own AdamW moments (and fp16 loss scale)
+            self.scaler = _grad_scaler(self.device) if self.precision == "fp16" else None
+            pending: list[_PendingStep] = []
+            last_status = time.perf_counter()
+            for step in range(length):
+                if self.callbacks.should_stop and self.callbacks.should_stop():
+                    stopped = True
+                    break
+                loss, lr = self._scheduled_step(step, leaves, optimizer, seed)
+                now = time.perf_counter()
+                pending.append(_PendingStep(step + 1, loss, lr, now - loop_start))
+                if now - last_status >= REPORT_INTERVAL_S:
+                    self._status(f"start {index + 1} of {c.starts}: step {step + 1}/{length}")
+                    last_status = now
+            if stopped and best is not None:
+                break  # keep the best finished start
+            score = self._held_out_loss(leaves, EVAL_BATCHES, EVAL_SEED)
+            self.start_scores.append(score)
+            self._status(f"start {index + 1} of {c.starts}: held-out score {score:.4g}")
+            ranked = score if math.isfinite(score) else math.inf
+            if best is None or ranked < best[0]:
+                vectors = {k: v.detach().clone() for k, v in leaves.items()}
+                best = (ranked, index, vectors, copy.deepcopy(optimizer.state_dict()), self.scaler, pending)
+            if stopped:
+                break
+        assert best is not None  # at least one start ran (or was stopped, and is kept)
+        _, index, vectors, state, self.scaler, pending = best
+        with torch.no_grad():
+            for key, leaf in leaves.items():
+                leaf.copy_(vectors[key])
+        optimizer.load_state_dict(state)
+        self.chosen_start = index + 1
+        done = pending[-1].step if pending else 0
+        self._other_starts_steps = len(self.start_scores) * length - done if not stopped else 0
+        if len(self.start_scores) > 1:
+            others = ", ".join(f"{s:.4g}" for i, s in enumerate(self.start_scores) if i != index)
+            self._status(
+                f"carrying on with start {index + 1} of {len(self.start_scores)}: the lowest held-out score "
+                f"{self.start_scores[index]:.4g} (the others: {others})"
+            )
+        self._report(pending, leaves, log)  # the chosen start's steps become the run's first steps
+        if done and c.eval_every:
+            self._evaluate(done, leaves, self.start_scores[index] if done == length else None)
+        if done and self.callbacks.on_step:
+            self.callbacks.on_step(done, {k: v.detach() for k, v in leaves.items()})
+        return done, stopped
 
     def _open_loss_log(self) -> Any:
         """``loss.csv`` for appending. A resume first drops the rows past its step (a resume from an earlier save
@@ -785,7 +870,7 @@ class Trainer:
                  f"{self._elapsed_before + entry.elapsed_s:.3f}"]
             )  # fmt: skip
             if self.callbacks.on_progress:
-                done = entry.step - self.start_step
+                done = entry.step - self.start_step + self._other_starts_steps
                 it_per_s = done / entry.elapsed_s if entry.elapsed_s > 0 else 0.0
                 self.callbacks.on_progress(
                     Progress(
@@ -836,16 +921,15 @@ class Trainer:
                 self.initial_vectors = {k: v.detach().cpu().clone() for k, v in leaves.items()}
                 if c.eval_every and step == 0:
                     self._evaluate(0, leaves)  # the baseline the chart and the best-vectors choice start from
-                self._status("training")
                 loop_start = last_report = time.perf_counter()
-                while step < c.max_steps and not self.early_stopped:
+                if c.starts > 1 and step == 0:
+                    step, stopped = self._train_starts(leaves, optimizer, log, loop_start)
+                self._status("training")
+                while step < c.max_steps and not self.early_stopped and not stopped:
                     if self.callbacks.should_stop and self.callbacks.should_stop():
                         stopped = True
                         break
-                    lr = learning_rate_at(step, self.lr_schedule, c.lr_scheduler, c.lr_warmup_steps, c.max_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group["lr_factor"]
-                    loss = self._optimizer_step(step, leaves, optimizer)
+                    loss, lr = self._scheduled_step(step, leaves, optimizer)
                     step += 1
                     now = time.perf_counter()
                     pending.append(_PendingStep(step, loss, lr, now - loop_start))  # this run's own time
@@ -903,6 +987,8 @@ class Trainer:
             held_out_loss=self.scores.get(final_step),
             early_stopped=self.early_stopped,
             init_choice=self.init_choice,
+            start_scores=list(self.start_scores),
+            chosen_start=self.chosen_start,
         )
 
     def _failed(self, error: BaseException, step: int) -> BaseException:
@@ -940,6 +1026,9 @@ class Trainer:
             meta["held_out_loss"] = f"{self.scores[step]:.6g}"  # the score of these very vectors
         if self.init_choice:
             meta["init_choice"] = self.init_choice
+        if self.chosen_start:
+            scores = ", ".join(f"{score:.6g}" for score in self.start_scores)
+            meta["starts"] = f"start {self.chosen_start} of {len(self.start_scores)} (held-out scores {scores})"
         return EmbeddingData(name=self.config.name, vectors=vectors, step=self.base_step + step, metadata=meta)
 
     def _write_embedding(

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,15 @@ def test_train_writes_the_embedding_then_refuses_to_overwrite_it(
     assert load_embedding(output).step == 2
     err = capsys.readouterr().err
     assert "step 2/2 loss " in err and "it/s ETA" in err  # stderr is not a terminal here: plain lines
+
+
+def test_train_says_which_start_it_carried_on_with(
+    tmp_path: Path, model: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(train_args(model, image_folder, tmp_path, "--quiet", "--starts", "2", "--start-steps", "1")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"carried on with start [12] of 2 \(held-out losses \d\.\d+, \d\.\d+\)", err), err
+    assert [step for step, _ in logged_steps(tmp_path / "run")] == [1, 2, 3]
 
 
 def test_a_new_run_starts_a_new_loss_log(tmp_path: Path, model: Path, image_folder: Path) -> None:

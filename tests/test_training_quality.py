@@ -204,3 +204,56 @@ def test_runs_saved_before_table_units_resume_with_their_absolute_rate():
     assert (old.lr_scale, old.learning_rate) == ("absolute", "0.005")
     new = TrainConfig.from_dict(TrainConfig.saved_fields(TrainConfig(name="my-cat").to_json()))
     assert new.lr_scale == "table"
+
+
+def scores_in_call_order(monkeypatch, scores: list[float]) -> None:
+    """Make the n-th held-out score the trainer computes be ``scores[n]``."""
+    values = iter(scores)
+    monkeypatch.setattr(Trainer, "_held_out_loss", lambda self, leaves, batches, seed: next(values))
+
+
+def test_the_first_of_several_starts_is_the_one_start_run_and_carries_on_with_its_optimiser_state(
+    tmp_path, host, monkeypatch
+):
+    single = Trainer(config(tmp_path / "one", max_steps=5, eval_every=0), host).run()
+    # Step-0 score, then the three starts' scores (the first lowest), then the evaluations after the starts.
+    scores_in_call_order(monkeypatch, [1.0, 0.2, 0.5, 0.4, 0.3, 0.3])
+    run = config(tmp_path / "three", max_steps=5, eval_every=5, starts=3, start_steps=2)
+    result = Trainer(run, host).run()
+    assert (result.chosen_start, result.start_scores, result.steps) == (1, [0.2, 0.5, 0.4], 5)
+    one, three = load_embedding(single.embedding_path), load_embedding(result.embedding_path)
+    assert torch.equal(one.vectors["vec"], three.vectors["vec"])  # moments restored: the same trajectory
+    assert three.metadata["starts"] == "start 1 of 3 (held-out scores 0.2, 0.5, 0.4)"
+
+
+def test_the_run_carries_on_with_the_start_of_lowest_score_and_logs_only_its_steps(tmp_path, host, monkeypatch):
+    single = Trainer(config(tmp_path / "one", max_steps=4, eval_every=0), host).run()
+    scores_in_call_order(monkeypatch, [1.0, 0.5, 0.2, 0.4, 0.3])
+    kept, callbacks = snapshots()
+    progress: list[int] = []
+    callbacks.on_progress = lambda p: progress.append(p.step)
+    run = config(tmp_path / "three", max_steps=4, eval_every=2, starts=3, start_steps=2)
+    result = Trainer(run, host, callbacks).run()
+    assert (result.chosen_start, result.steps, result.vectors_step) == (2, 4, 4)
+    assert not torch.equal(load_embedding(single.embedding_path).vectors["vec"], kept[4]["clip_l"])
+    assert sorted(kept) == [2, 3, 4]  # the chosen start's step 2, then the run's own steps
+    assert progress == [1, 2, 3, 4]
+    rows = (result.run_dir / "loss.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]
+
+
+def test_starts_with_real_scores_pick_the_lowest(tmp_path, host):
+    result = Trainer(config(tmp_path, max_steps=3, starts=2, start_steps=2), host).run()
+    assert len(result.start_scores) == 2 and all(math.isfinite(s) for s in result.start_scores)
+    assert result.start_scores[result.chosen_start - 1] == min(result.start_scores)
+    assert result.start_scores[0] != result.start_scores[1]  # each start its own draws
+
+
+def test_a_stop_during_the_starts_keeps_the_best_finished_start(tmp_path, host, monkeypatch):
+    scores_in_call_order(monkeypatch, [1.0, 0.5, 0.9])
+    calls = iter(range(100))
+    # Steps 1-2 of start 1, step 1 of start 2, then stop.
+    callbacks = Callbacks(should_stop=lambda: next(calls) >= 3)
+    run = config(tmp_path, max_steps=6, starts=3, start_steps=2)
+    result = Trainer(run, host, callbacks).run()
+    assert (result.stopped, result.steps, result.chosen_start, result.start_scores) == (True, 2, 1, [0.5])

@@ -180,14 +180,18 @@ def test_quality_options_on_the_real_host(webui, tmp_path):
     common = {"images": str(tmp_path / "images"), "resolution": 64, "batch_size": 2, "eval_every": 2,
               "norm_band": 1.5, "final_vectors": "best"}  # fmt: skip
     status, reply = webui.request("POST", "/embtrain/v1/runs", {**common, "name": "itbest", "max_steps": 4,
-                                                                "init_mode": "best-word"})  # fmt: skip
+                                                                "init_mode": "best-word", "starts": 2,
+                                                                "start_steps": 2})  # fmt: skip
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
     assert run["state"] == "finished", run["error"]
     assert run["result"]["init_choice"] and run["result"]["vectors_step"] in (2, 4), run["result"]
     assert [point[0] for point in run["held_out_history"]] == [0, 2, 4]
+    scores = run["result"]["start_scores"]
+    assert len(scores) == 2 and scores[run["result"]["chosen_start"] - 1] == min(scores)
     data = load_embedding(run["result"]["embedding_path"])
     assert data.metadata["init_choice"] == run["result"]["init_choice"]
+    assert data.metadata["starts"].startswith(f"start {run['result']['chosen_start']} of 2")
     assert float(data.metadata["held_out_loss"]) == pytest.approx(run["result"]["held_out_loss"], rel=1e-5)
 
     # One tiny step from the encoder's output for "cat": far from the token row of "cat" in every encoder.

@@ -66,3 +66,6 @@ def test_name_warnings_and_result_summary():
     assert "embtrain-error" in tab.result_html({"error": "Boom: bad"})
     warned = tab.result_html({**status, "warnings": ["skipped /d/broken.png: cannot decode"]})
     assert "embtrain-warning" in warned and "broken.png" in warned
+    starts = tab.result_html({**status, "result": {**status["result"], "chosen_start": 2, "start_scores": [0.31, 0.2]}})
+    assert "<th>Start</th><td>2 of 2, the lowest held-out loss (0.31, 0.2)</td>" in starts
+    assert "<th>Start</th>" not in html  # one start: no row

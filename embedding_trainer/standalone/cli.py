@@ -292,6 +292,11 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         result.embedding_path,
         "".join(f"\n also:     {p}" for p in result.extra_paths),
     )
+    if result.chosen_start:
+        logger.info(
+            "carried on with start %d of %d (held-out losses %s)", result.chosen_start, len(result.start_scores),
+            ", ".join(f"{s:.4f}" for s in result.start_scores),
+        )  # fmt: skip
     if result.early_stopped:
         logger.info("stopped early: the held-out score had not improved for %d evaluations", config.early_stop_patience)
     if result.held_out_loss is not None:

@@ -540,6 +540,8 @@ class RunManager:
                 "vectors_step": result.vectors_step,  # the run step whose vectors the file holds
                 "held_out_loss": result.held_out_loss,  # their held-out score
                 "init_choice": result.init_choice,
+                "start_scores": result.start_scores,  # ``starts``: each start's held-out score
+                "chosen_start": result.chosen_start,  # the one carried on (1-based; 0: one start)
                 "extra_paths": [str(p) for p in result.extra_paths],
             }
             record.step = result.steps
