@@ -1,0 +1,45 @@
+# The standalone trainer: `python -m embedding_trainer` (train, inspect, convert, render, demo, ...).
+#
+#   docker build -f docker/trainer.Dockerfile -t embedding-trainer .
+#   docker run --gpus all -v "$PWD/photos:/data" -v "$PWD/models:/models" -v "$PWD/out:/out" embedding-trainer \
+#       train --model /models/my-sd15 --images /data --name my-cat --output-dir /out --run-dir /out/runs/my-cat
+#   docker run embedding-trainer demo            # the shipped demo, on the CPU
+#
+# Build arguments (defaults: public images and PyPI):
+#   BASE_IMAGE   a Debian bookworm image (its python3 is 3.11)
+#   TORCH_SPEC   the torch requirement; PyPI's torch 2.13.0 for Linux x86_64 is a CUDA build
+#   PIP_OPTIONS  extra pip options, e.g. "--index-url https://download.pytorch.org/whl/cu124" or, for a build
+#                without network, "--no-index --find-links /wheels" with the wheels in docker/wheels/
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_SPEC=torch==2.13.0
+ARG PIP_OPTIONS=
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HUB_OFFLINE=1 \
+    HF_HOME=/tmp/hf
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 1000 trainer
+
+# torch first, in a layer of its own: the largest and the least often changed.
+COPY docker/wheels/ /wheels/
+RUN pip install $PIP_OPTIONS "$TORCH_SPEC"
+COPY docker/requirements-trainer.txt /tmp/requirements-trainer.txt
+RUN pip install $PIP_OPTIONS -r /tmp/requirements-trainer.txt
+COPY pyproject.toml README.md /src/
+COPY embedding_trainer/ /src/embedding_trainer/
+RUN pip install $PIP_OPTIONS --no-deps /src && rm -rf /src /wheels /tmp/requirements-trainer.txt
+
+USER trainer
+WORKDIR /home/trainer
+ENTRYPOINT ["python", "-m", "embedding_trainer"]
+CMD ["--help"]
