@@ -11,34 +11,38 @@
 #   PIP_OPTIONS  extra pip options, e.g. "--index-url https://download.pytorch.org/whl/cu124" or, for a build
 #                without network, "--no-index --find-links /wheels" with the wheels in docker/wheels/
 ARG BASE_IMAGE=debian:bookworm-slim
-FROM ${BASE_IMAGE}
 
+# -- build: the virtual environment (the wheels and pip's work stay in this stage) --
+FROM ${BASE_IMAGE} AS build
 ARG TORCH_SPEC=torch==2.13.0
 ARG PIP_OPTIONS=
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+# torch first, in a layer of its own: the largest and the least often changed.
+COPY docker/wheels/ /wheels/
+RUN /opt/venv/bin/pip install $PIP_OPTIONS "$TORCH_SPEC"
+COPY docker/requirements-trainer.txt /tmp/requirements-trainer.txt
+RUN /opt/venv/bin/pip install $PIP_OPTIONS -r /tmp/requirements-trainer.txt
+COPY pyproject.toml README.md /src/
+COPY embedding_trainer/ /src/embedding_trainer/
+RUN /opt/venv/bin/pip install $PIP_OPTIONS --no-deps /src
+
+# -- the image: Python, the environment and a user --
+FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/hf
-
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv \
     && useradd --create-home --uid 1000 trainer
-
-# torch first, in a layer of its own: the largest and the least often changed.
-COPY docker/wheels/ /wheels/
-RUN pip install $PIP_OPTIONS "$TORCH_SPEC"
-COPY docker/requirements-trainer.txt /tmp/requirements-trainer.txt
-RUN pip install $PIP_OPTIONS -r /tmp/requirements-trainer.txt
-COPY pyproject.toml README.md /src/
-COPY embedding_trainer/ /src/embedding_trainer/
-RUN pip install $PIP_OPTIONS --no-deps /src && rm -rf /src /wheels /tmp/requirements-trainer.txt
-
+COPY --from=build /opt/venv /opt/venv
 USER trainer
 WORKDIR /home/trainer
 ENTRYPOINT ["python", "-m", "embedding_trainer"]
