@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -683,9 +684,7 @@ class Trainer:
             losses[text] = self._held_out_loss(trials[text], INIT_FINAL_BATCHES, INIT_RANK_SEED)
         losses = {text: losses[text] for text in finalists}
         self.init_choice = min(losses, key=losses.__getitem__)
-        with torch.no_grad():
-            for key, leaf in leaves.items():
-                leaf.copy_(trials[self.init_choice][key])
+        _copy_into(leaves, trials[self.init_choice])
         others = ", ".join(f"'{t}' {losses[t]:.4g}" for t in sorted(losses, key=losses.__getitem__)[1:4])
         self._status(f"init: '{self.init_choice}', loss {losses[self.init_choice]:.4g} (next: {others})")
         if self.callbacks.on_init_choice:
@@ -732,9 +731,7 @@ class Trainer:
         stopped = False
         for index in range(c.starts):
             seed = c.seed if index == 0 else _seeded(c.seed, "start", index)
-            with torch.no_grad():
-                for key, leaf in leaves.items():
-                    leaf.copy_(initial[key])
+            _copy_into(leaves, initial)
             optimizer.state.clear()  # each start has its own AdamW moments (and fp16 loss scale)
             self.scaler = _grad_scaler(self.device) if self.precision == "fp16" else None
             pending: list[_PendingStep] = []
@@ -762,9 +759,7 @@ class Trainer:
                 break
         assert best is not None  # at least one start ran (or was stopped, and is kept)
         _, index, vectors, state, self.scaler, pending = best
-        with torch.no_grad():
-            for key, leaf in leaves.items():
-                leaf.copy_(vectors[key])
+        _copy_into(leaves, vectors)
         optimizer.load_state_dict(state)
         self.chosen_start = index + 1
         done = pending[-1].step if pending else 0
@@ -775,7 +770,11 @@ class Trainer:
                 f"carrying on with start {index + 1} of {len(self.start_scores)}: the lowest held-out score "
                 f"{self.start_scores[index]:.4g} (the others: {others})"
             )
-        self._report(pending, leaves, log)  # the chosen start's steps become the run's first steps
+        # The chosen start's steps become the run's first steps, timed to end now: the other starts' time is spent
+        # too, so the speed and the ETA count it.
+        shift = time.perf_counter() - loop_start - pending[-1].elapsed_s if pending else 0.0
+        pending = [dataclasses.replace(entry, elapsed_s=entry.elapsed_s + shift) for entry in pending]
+        self._report(pending, leaves, log)
         if done and c.eval_every:
             self._evaluate(done, leaves, self.start_scores[index] if done == length else None)
         if done and self.callbacks.on_step:
@@ -1082,6 +1081,13 @@ class Trainer:
                 old.unlink(missing_ok=True)
                 old.with_name(old.name.replace(STATE_SUFFIX, ".safetensors")).unlink(missing_ok=True)
         return state_path
+
+
+@torch.no_grad()
+def _copy_into(leaves: dict[str, torch.Tensor], vectors: dict[str, torch.Tensor]) -> None:
+    """Overwrite the trained tensors in place (the optimiser holds them) with ``vectors``."""
+    for key, leaf in leaves.items():
+        leaf.copy_(vectors[key])
 
 
 def _grad_scaler(device: torch.device) -> torch.cuda.amp.GradScaler:

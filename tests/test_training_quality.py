@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import csv
 import math
+import time
 
 import pytest
 import torch
@@ -218,12 +220,18 @@ def test_the_first_of_several_starts_is_the_one_start_run_and_carries_on_with_it
     single = Trainer(config(tmp_path / "one", max_steps=5, eval_every=0), host).run()
     # Step-0 score, then the three starts' scores (the first lowest), then the evaluations after the starts.
     scores_in_call_order(monkeypatch, [1.0, 0.2, 0.5, 0.4, 0.3, 0.3])
+    said: dict[str, float] = {}
+    callbacks = Callbacks(on_status=lambda text: said.setdefault(text.split(":")[0], time.perf_counter()))
     run = config(tmp_path / "three", max_steps=5, eval_every=5, starts=3, start_steps=2)
-    result = Trainer(run, host).run()
+    result = Trainer(run, host, callbacks).run()
     assert (result.chosen_start, result.start_scores, result.steps) == (1, [0.2, 0.5, 0.4], 5)
     one, three = load_embedding(single.embedding_path), load_embedding(result.embedding_path)
     assert torch.equal(one.vectors["vec"], three.vectors["vec"])  # moments restored: the same trajectory
     assert three.metadata["starts"] == "start 1 of 3 (held-out scores 0.2, 0.5, 0.4)"
+    # The logged time of step 2 (start 1's last) includes starts 2 and 3, trained after it: speed and ETA count them.
+    rows = list(csv.reader((result.run_dir / "loss.csv").open()))[1:]
+    elapsed = {int(row[0]): float(row[4]) for row in rows}
+    assert elapsed[2] >= said["carrying on with start 1 of 3"] - said["start 1 of 3"]
 
 
 def test_the_run_carries_on_with_the_start_of_lowest_score_and_logs_only_its_steps(tmp_path, host, monkeypatch):

@@ -296,9 +296,9 @@ def result_html(status: dict[str, Any] | None, error: str | None = None) -> str:
         if result.get("init_choice"):
             rows.append(("Init word", f"'{result['init_choice']}' (the lowest loss on the images)"))
         if result.get("chosen_start"):
-            scores = ", ".join(_loss(s) for s in result.get("start_scores") or [])
-            rows.append(("Start", f"{result['chosen_start']} of {len(result.get('start_scores') or [])}, the "
-                                  f"lowest held-out loss ({scores})"))  # fmt: skip
+            scores = result.get("start_scores") or []
+            rows.append(("Start", f"{result['chosen_start']} of {len(scores)}, the lowest held-out loss "
+                                  f"({', '.join(_loss(s) for s in scores)})"))  # fmt: skip
         rows.append(("File", result.get("embedding_path", "")))
         body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
         parts.append(f"<table class='embtrain-result'>{body}</table>")
