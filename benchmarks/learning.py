@@ -179,7 +179,32 @@ def score_correlations(rows: list[dict[str, Any]]) -> dict[str, Any]:
     within = [w for w in within if w == w]
     result["within_runs"] = sum(within) / len(within) if within else float("nan")
     result["runs_with_varying_reconstruction"] = len(within)
+    result["same_photos"] = same_photos_choice(scored)
     return result
+
+
+def same_photos_choice(scored: list[dict[str, Any]]) -> dict[str, int]:
+    """What ``starts`` relies on: among runs on the same photos (concept and seed) where some found the concept and
+    some did not, does the lowest held-out score pick one that found it? Every method and budget >0 is a candidate
+    (the score uses the same fixed views there); also the share of (found, not found) pairs the score orders right."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in scored:
+        if r["steps"] > 0:
+            groups[(r["concept"], r["seed"])].append(r)
+    picks_found = mixed = pairs_right = pairs = 0
+    for group in groups.values():
+        found = [r["reconstruction"] >= FOUND for r in group]
+        if all(found) or not any(found):
+            continue
+        mixed += 1
+        picks_found += min(group, key=lambda r: r["held_out_loss"])["reconstruction"] >= FOUND
+        hits = [r["held_out_loss"] for r, f in zip(group, found) if f]
+        misses = [r["held_out_loss"] for r, f in zip(group, found) if not f]
+        pairs += len(hits) * len(misses)
+        pairs_right += sum(h < m for h in hits for m in misses)
+    return {
+        "mixed_photo_sets": mixed, "lowest_score_found": picks_found, "pairs": pairs, "pairs_ordered_right": pairs_right
+    }  # fmt: skip
 
 
 def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
@@ -367,6 +392,13 @@ def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], started:
         f"{correlations.get('within_runs', float('nan')):.3f} (mean over "
         f"{correlations.get('runs_with_varying_reconstruction', 0)} runs whose reconstruction varied)"
     )
+    same = correlations.get("same_photos")
+    if same and same["mixed_photo_sets"]:
+        print(
+            f"on the same photos, where some runs found the concept and some did not ({same['mixed_photo_sets']} "
+            f"sets): the lowest held-out score picked one that found it in {same['lowest_score_found']}; "
+            f"{same['pairs_ordered_right']} of {same['pairs']} (found, not found) pairs ordered right"
+        )
     written = "learning.csv, learning-summary.csv, learning.png, learning.md and score-correlation.json"
     print(f"\nwrote {written} in {args.out}")
 

@@ -78,8 +78,9 @@ class TrainConfig:
     starts: int = _f(
         1,
         "Train this many starts from the same init for start_steps each, every one with its own noise, timestep and "
-        "prompt draws, and carry on with the one whose held-out score is lowest (1: off). A start that finds the "
-        "concept scores lower than one that does not; the cost is (starts - 1) x start_steps extra steps.",
+        "prompt draws, and carry on with the one whose held-out score is lowest (1: off). With 4 vectors a start that "
+        "found the concept mostly scored lower than one that did not; the cost is (starts - 1) x start_steps extra "
+        "steps.",
         min=1,
         max=16,
     )

@@ -722,8 +722,8 @@ class Trainer:
         timesteps and prompts (the first with the run's own seed, so it is what a one-start run does), and carry on
         with the one of lowest held-out score, its optimiser state included. Returns (step, stopped).
 
-        Whether a run finds its concept depends on its early random draws more than on anything a setting fixes;
-        the held-out score tells the starts that found it from those that did not (benchmarks/RESULTS.md)."""
+        Whether a run finds its concept can hinge on its random draws; with several vectors the held-out score
+        mostly tells the starts that found it from those that did not (benchmarks/RESULTS.md, "same photos")."""
         c = self.config
         length = min(c.start_steps, c.max_steps)
         initial = {k: v.detach().clone() for k, v in leaves.items()}

@@ -42,3 +42,25 @@ def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "learning-summary.csv").read_text(encoding="utf-8") == "\n".join(summary) + "\n"
+
+
+def test_the_same_photos_check_counts_the_lowest_scores_picks_and_pairs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(concept: str, seed: int, steps: int, loss: float, recon: float) -> dict:
+        return {"concept": concept, "seed": seed, "steps": steps, "held_out_loss": loss, "reconstruction": recon}
+
+    rows = [
+        row("heart", 0, 0, 0.1, 0.0),  # step 0: never a candidate
+        row("heart", 0, 100, 0.3, 1.0), row("heart", 0, 200, 0.5, 0.0), row("heart", 0, 200, 0.4, 0.0),
+        row("moon", 0, 100, 0.2, 0.0), row("moon", 0, 200, 0.6, 1.0),  # the lowest score did not find it
+        row("dots", 0, 100, 0.2, 1.0), row("dots", 0, 200, 0.1, 1.0),  # all found: not a mixed set
+    ]  # fmt: skip
+    assert bench.same_photos_choice(rows) == {
+        "mixed_photo_sets": 2, "lowest_score_found": 1, "pairs": 3, "pairs_ordered_right": 2
+    }  # fmt: skip
