@@ -9,7 +9,8 @@
 #   BASE_IMAGE   a Debian bookworm image (its python3 is 3.11)
 #   TORCH_SPEC   the torch requirement; PyPI's torch 2.13.0 for Linux x86_64 is a CUDA build
 #   PIP_OPTIONS  extra pip options, e.g. "--index-url https://download.pytorch.org/whl/cu124" or, for a build
-#                without network, "--no-index --find-links /wheels" with the wheels in docker/wheels/
+#                from a local wheel set, "--no-index --find-links http://127.0.0.1:8000/wheels/" (builds run with
+#                --network host; `python -m http.server` serves a folder of wheels)
 ARG BASE_IMAGE=debian:bookworm-slim
 
 # -- build: the virtual environment (the wheels and pip's work stay in this stage) --
@@ -22,7 +23,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 # torch first, in a layer of its own: the largest and the least often changed.
-COPY docker/wheels/ /wheels/
 RUN /opt/venv/bin/pip install $PIP_OPTIONS "$TORCH_SPEC"
 COPY docker/requirements-trainer.txt /tmp/requirements-trainer.txt
 RUN /opt/venv/bin/pip install $PIP_OPTIONS -r /tmp/requirements-trainer.txt
