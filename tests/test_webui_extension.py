@@ -26,6 +26,7 @@ from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, save_embedding  # noqa: E402
 from embedding_trainer.errors import HostError, TrainingError  # noqa: E402
 from embedding_trainer.host import EncoderInfo  # noqa: E402
+from embedding_trainer.hosts.a1111 import A1111Host
 from embedding_trainer.trainer import TrainResult  # noqa: E402
 from embedding_trainer.webui import extension, host_symbols  # noqa: E402
 from embedding_trainer.webui.jobs import PreviewOptions, RunRecord  # noqa: E402
@@ -198,6 +199,8 @@ class PublishingHost:
 
     def publish(self, trigger: str, vectors: dict, step: int, path: str, sha256: str) -> None:
         self.published.append((trigger, vectors["clip_l"].clone(), step, path, sha256))
+
+    reload_embeddings = A1111Host.reload_embeddings
 
 
 def test_a_finished_run_is_published_with_hash_and_stale_conditioning_dropped(webui):

@@ -102,19 +102,35 @@ def running_webui(
     """Yield the base URL of a WebUI (API only, or the full page too) once ``/embtrain/v1`` answers; raises
     ``WebUIStartError`` if it does not. ``api_auth`` ("user:password") starts it with ``--api-auth``."""
     checkpoint = prepare_data_folder(data, models, family, model, extra_scripts)
+    host_args = ["--use-cpu", "all", "--no-half", "--precision", "full", "--ckpt", str(checkpoint)]
+    with launched(WEBUI, PYTHON, data, with_ui, [*host_args, *extra_args], api_auth) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def launched(
+    webui: str | None,
+    python: str | None,
+    data: Path,
+    with_ui: bool,
+    host_args: Sequence[str],
+    api_auth: str | None = None,
+) -> Iterator[str]:
+    """Start the WebUI (A1111 or Forge) in ``webui`` with its data in ``data`` on a free loopback port, offline and
+    without installing anything; yield its base URL once ``/embtrain/v1`` answers."""
+    assert webui and python, MISSING
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")  # fmt: skip
     command = [
-        PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-        "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
-        "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model", "--data-dir", str(data),
-        "--ckpt", str(checkpoint), *([] if with_ui else ["--nowebui"]), *extra_args,
+        python, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+        "--skip-version-check", "--api", "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model",
+        "--data-dir", str(data), *([] if with_ui else ["--nowebui"]), *host_args,
         *(["--api-auth", api_auth] if api_auth else []),
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     with open(data / "webui.log", "wb") as log:
-        process = subprocess.Popen(command, cwd=WEBUI, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while True:

@@ -80,6 +80,32 @@ def checkpoint_units(unet: Any) -> list[torch.nn.Module]:
     return units
 
 
+def carrying(embedding: Any, embedding_class: Any, trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
+    """``embedding`` (a new one of ``embedding_class`` if it is for another word) carrying ``vectors``: one tensor,
+    or SDXL's dict of both encoders' (the hosts' embedding format)."""
+    vec: Any = dict(vectors) if len(vectors) > 1 else next(iter(vectors.values()))
+    if embedding is None or embedding.name != trigger:
+        embedding = embedding_class(vec, trigger)
+    embedding.vec = vec
+    embedding.vectors = next(iter(vectors.values())).shape[0]
+    embedding.shape = sum(v.shape[-1] for v in vectors.values())
+    return embedding
+
+
+def published(embedding: Any, step: int, path: str, sha256: str, model_hash: str | None, model_name: str) -> Any:
+    """``embedding`` with what the host shows of a finished file: step, file, checkpoint and hash."""
+    embedding.step = step
+    embedding.filename = path
+    embedding.sd_checkpoint = model_hash
+    embedding.sd_checkpoint_name = model_name
+    embedding.cached_checksum = None
+    if hasattr(embedding, "set_hash"):
+        embedding.set_hash(sha256)
+    else:
+        embedding.hash, embedding.shorthash = sha256, sha256[:12]
+    return embedding
+
+
 class A1111Host:
     """Presents ``shared.sd_model`` to the training core (see ``embedding_trainer.host.Host``)."""
 
@@ -199,14 +225,7 @@ class A1111Host:
 
     def _live_embedding(self, trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
         """The registered Embedding for ``trigger`` carrying ``vectors`` (the core's trainable leaves)."""
-        vec: Any = dict(vectors) if self.family == "sdxl" else vectors[self.encoders[0].key]
-        embedding = self.embedding
-        if embedding is None or embedding.name != trigger:
-            embedding = self.embedding_class(vec, trigger)
-            self.embedding = embedding
-        embedding.vec = vec
-        embedding.vectors = next(iter(vectors.values())).shape[0]
-        embedding.shape = sum(v.shape[-1] for v in vectors.values())
+        self.embedding = embedding = carrying(self.embedding, self.embedding_class, trigger, vectors)
         # Re-register if the database lost it (a forced reload replaces every Embedding object).
         if self.embedding_db.word_embeddings.get(trigger) is not embedding:
             self.embedding_db.register_embedding(embedding, self.sd_model)
@@ -341,13 +360,8 @@ class A1111Host:
         """Register the finished embedding (final vectors, file name, hash) so txt2img uses and credits it."""
         final = {k: v.detach().to(self.device, torch.float32) for k, v in vectors.items()}
         embedding = self._live_embedding(trigger, final)
-        embedding.step = step
-        embedding.filename = path
-        embedding.sd_checkpoint = self.model_hash
-        embedding.sd_checkpoint_name = self.model_name
-        embedding.cached_checksum = None
-        if hasattr(embedding, "set_hash"):
-            embedding.set_hash(sha256)
-        else:
-            embedding.hash, embedding.shorthash = sha256, sha256[:12]
-        return embedding
+        return published(embedding, step, path, sha256, self.model_hash, self.model_name)
+
+    def reload_embeddings(self) -> None:
+        """The embedding database from the embeddings folders again: the files on disk are the truth."""
+        self.embedding_db.load_textual_inversion_embeddings(force_reload=True)

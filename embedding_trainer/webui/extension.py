@@ -11,6 +11,7 @@ from typing import Any
 
 from ..embedding_file import file_sha256, load_embedding
 from ..hosts.a1111 import A1111Host
+from ..hosts.forge import ForgeHost
 from ..log import logger
 from ..trainer import TrainResult, output_path
 from . import host_symbols
@@ -46,7 +47,12 @@ class WebUIGlue:
 
     def __init__(self, symbols: host_symbols.WebUISymbols):
         self.symbols = symbols
-        self.host: A1111Host | None = None
+        self.host: A1111Host | ForgeHost | None = None
+        # Forge lists embeddings (the API's /sdapi/v1/embeddings, the Extra Networks page) from databases of their
+        # own, apart from the ones prompts use; a finished run refreshes them.
+        self.embedding_listings: list[Any] = []
+        if symbols.forge is not None:
+            self.embedding_listings.append(symbols.forge.extra_networks_embeddings)
         bridge = SharedStateBridge(symbols.shared.state, symbols.progress)
         self.manager = RunManager(
             make_host=self.make_host,
@@ -58,10 +64,17 @@ class WebUIGlue:
         )
 
     # -- the run manager's host side ------------------------------------------------------------------------
-    def make_host(self, config: Any) -> A1111Host:
+    def make_host(self, config: Any) -> A1111Host | ForgeHost:
         symbols = self.symbols
-        db = symbols.model_hijack.embedding_db
-        self.host = A1111Host(symbols.shared.sd_model, db, symbols.embedding_class, symbols.lowvram, symbols.attention)
+        forge = symbols.forge
+        if forge is not None:
+            # Forge loads the chosen checkpoint at its first use; a run may be that use.
+            sd_model, _ = forge.sd_models.forge_model_reload()
+            self.host = ForgeHost(sd_model, forge.memory, forge.transformer_block, forge.embedding_class)
+        else:
+            db = symbols.model_hijack.embedding_db
+            sd_model = symbols.shared.sd_model
+            self.host = A1111Host(sd_model, db, symbols.embedding_class, symbols.lowvram, symbols.attention)
         return self.host
 
     def vae_on_device(self) -> contextlib.AbstractContextManager[Any]:
@@ -102,20 +115,28 @@ class WebUIGlue:
             host.publish(record.config.name, data.vectors, data.step, str(path), file_sha256(path))
         else:
             # A failed run leaves its in-memory vectors registered; the files on disk are the truth.
-            host.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+            host.reload_embeddings()
+        for listing in self.embedding_listings:
+            listing.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
         self.reset_conditioning_cache()
 
     def reset_conditioning_cache(self) -> None:
-        # StableDiffusionProcessing caches conditioning per prompt, not per vector values.
+        # StableDiffusionProcessing caches conditioning per prompt, not per vector values (A1111 keeps 2 entries
+        # per cache, Forge 3).
         processing_class = self.symbols.processing.StableDiffusionProcessing
-        processing_class.cached_c = [None, None]
-        processing_class.cached_uc = [None, None]
+        processing_class.cached_c = [None] * len(processing_class.cached_c)
+        processing_class.cached_uc = [None] * len(processing_class.cached_uc)
 
     # -- WebUI callbacks --------------------------------------------------------------------------------------
     def on_app_started(self, demo: Any, app: Any) -> None:
         credentials = parse_api_auth(getattr(self.symbols.shared.cmd_opts, "api_auth", None))
         auth = basic_auth_dependency(credentials) if credentials else None
         routes = register_routes(app, self.manager, auth)
+        if self.symbols.forge is not None:  # the API object's own list behind GET /sdapi/v1/embeddings
+            listing = next((getattr(getattr(r.endpoint, "__self__", None), "embedding_db", None)
+                            for r in app.routes if getattr(r, "path", "") == "/sdapi/v1/embeddings"), None)  # fmt: skip
+            if listing is not None:
+                self.embedding_listings.append(listing)
         logger.info("Embedding Trainer API: %d routes under /embtrain/v1%s", len(routes), " (auth)" if auth else "")
 
     def on_ui_settings(self) -> None:
