@@ -74,3 +74,15 @@ def test_the_families_forge_loads_and_the_ones_it_refuses() -> None:
         model_family(forge_model())
     with pytest.raises(HostError, match="not loaded a model yet"):
         model_family(types.SimpleNamespace(forge_objects=None))
+
+
+def test_the_tab_reads_forges_tokenizer_and_predictor() -> None:
+    from embedding_trainer.hosts.forge import prediction_type, token_count
+
+    engine = types.SimpleNamespace(tokenize=lambda texts: [[7] * len(texts[0].split("-"))])
+    predictor = types.SimpleNamespace(prediction_type="v_prediction")
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(predictor=predictor))
+    sd2 = types.SimpleNamespace(text_processing_engine=engine, forge_objects=types.SimpleNamespace(unet=unet))
+    assert token_count(sd2, "my-new-cat") == 3 and prediction_type(sd2) == "v_prediction"
+    sdxl = types.SimpleNamespace(text_processing_engine_l=engine)  # SDXL: the CLIP-L engine's tokenizer
+    assert token_count(sdxl, "cat") == 1

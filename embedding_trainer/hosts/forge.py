@@ -56,6 +56,18 @@ def model_family(sd_model: Any) -> ModelFamily:
     raise HostError(f"{name} is not an SD1.x, SD2.x or SDXL model (e.g. Flux, SD3); Embedding Trainer cannot train it")
 
 
+def prediction_type(sd_model: Any) -> str:
+    """ "epsilon" or "v_prediction", as Forge's predictor for the loaded model says."""
+    predictor = sd_model.forge_objects.unet.model.predictor
+    return "v_prediction" if predictor.prediction_type == "v_prediction" else "epsilon"
+
+
+def token_count(sd_model: Any, text: str) -> int:
+    """How many tokens ``text`` splits into in the loaded model's (first) tokenizer."""
+    engine = getattr(sd_model, "text_processing_engine_l", None) or sd_model.text_processing_engine
+    return len(engine.tokenize([text])[0])
+
+
 def ordinary_tensors(module: torch.nn.Module) -> int:
     """Replace the inference tensors among ``module``'s parameters and buffers with ordinary copies (parameters
     frozen); returns how many were replaced. Cheap when there are none."""
@@ -112,8 +124,7 @@ class ForgeHost:
         self.kmodel = objects.unet.model
         self.device = torch.device(memory.get_torch_device())
         self.unet_dtype = getattr(self.kmodel, "computation_dtype", None) or next(self.kmodel.parameters()).dtype
-        predictor = self.kmodel.predictor
-        self.prediction_type = "v_prediction" if predictor.prediction_type == "v_prediction" else "epsilon"
+        self.prediction_type = prediction_type(sd_model)
         if self.family == "sdxl":
             self.engines = {"clip_l": sd_model.text_processing_engine_l, "clip_g": sd_model.text_processing_engine_g}
         else:
@@ -153,7 +164,7 @@ class ForgeHost:
         return getattr(layer, "wrapped", layer).weight.detach()
 
     def known_token_count(self, text: str) -> int:
-        return len(self.engines[self.encoders[0].key].tokenize([text])[0])
+        return token_count(self.sd_model, text)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

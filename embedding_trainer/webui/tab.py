@@ -323,6 +323,13 @@ def model_defaults(glue: Any) -> FamilyDefaults:
     from ..hosts.a1111 import model_family, native_resolution
 
     model = _loaded_model(glue)
+    if glue.symbols.forge is not None:  # Forge's models carry no ldm config, so no native resolution either
+        from ..hosts import forge
+
+        try:
+            return family_defaults(forge.model_family(model), forge.prediction_type(model))
+        except (EmbeddingTrainerError, AttributeError):
+            return family_defaults(None)
     try:
         family = model_family(model) if model is not None else None
     except EmbeddingTrainerError:
@@ -340,6 +347,10 @@ def known_token_count(glue: Any, text: str) -> int | None:
         return None
     try:
         symbols = glue.symbols
+        if symbols.forge is not None:
+            from ..hosts.forge import token_count
+
+            return token_count(model, text)
         return A1111Host(model, symbols.model_hijack.embedding_db, symbols.embedding_class).known_token_count(text)
     except Exception:
         return None
