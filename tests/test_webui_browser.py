@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import make_images
 from PIL import Image
-from webui_launcher import PYTHON, WEBUI, running_webui
+from test_forge_integration import FORGE, FORGE_PYTHON, forge_checkpoint
+from webui_launcher import MISSING, PYTHON, WEBUI, launched, running_webui
 
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, save_embedding
@@ -36,16 +37,48 @@ except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
 pytestmark = pytest.mark.skipif(
-    not (WEBUI and PYTHON and sync_playwright is not None and os.path.isfile(CHROMIUM)),
-    reason="set EMBTRAIN_WEBUI_DIR and EMBTRAIN_WEBUI_PYTHON, and install playwright and a Chromium",
+    not ((WEBUI and PYTHON) or (FORGE and FORGE_PYTHON)) or sync_playwright is None or not os.path.isfile(CHROMIUM),
+    reason="set EMBTRAIN_WEBUI_DIR and EMBTRAIN_WEBUI_PYTHON (or EMBTRAIN_FORGE_DIR and EMBTRAIN_FORGE_PYTHON), "
+    "and install playwright and a Chromium",
 )
 
 
 @pytest.fixture(scope="module")
 def webui_ui(tmp_path_factory: pytest.TempPathFactory):
+    if not (WEBUI and PYTHON):
+        pytest.skip(MISSING)
     data = tmp_path_factory.mktemp("webui-ui-data")
     with running_webui(data, tmp_path_factory.mktemp("tiny"), with_ui=True) as base:
         yield base, data
+
+
+@pytest.fixture(scope="module")
+def forge_ui(tmp_path_factory: pytest.TempPathFactory):
+    """Forge (gradio 4) with its full page, on an SD1 checkpoint it recognises (see test_forge_integration.py)."""
+    if not (FORGE and FORGE_PYTHON):
+        pytest.skip("set EMBTRAIN_FORGE_DIR and EMBTRAIN_FORGE_PYTHON")
+    data = tmp_path_factory.mktemp("forge-ui-data")
+    (data / "extensions").mkdir()
+    (data / "extensions" / "embedding-trainer").symlink_to(Path(__file__).resolve().parents[1])
+    models = data / "models" / "Stable-diffusion"
+    forge_checkpoint("sd1", Path(FORGE), models / "forge-sd1")
+    (data / "config.json").write_text('{"show_progress_type": "Approx cheap"}', encoding="utf-8")
+    # With --data-dir elsewhere, Forge's gradio 4 serves files only from the data folder unless told: its own
+    # script.js would be refused (403) and no page script would run.
+    host_args = ["--always-cpu", "--clip-in-fp32", "--skip-python-version-check", "--ckpt-dir", str(models),
+                 "--gradio-allowed-path", str(FORGE)]  # fmt: skip
+    with launched(FORGE, FORGE_PYTHON, data, True, host_args) as base:
+        yield base, data
+
+
+@pytest.fixture(params=["a1111", "forge"])
+def tab_host(request: pytest.FixtureRequest) -> tuple[str, Path, str]:
+    """The tab in A1111 and in Forge: (base URL, data folder, the resolution the page fills in on load: the tiny
+    A1111 checkpoint's config says 64 px; Forge's models carry no such config, and before its lazy first load the
+    tab shows the usual 512)."""
+    if request.param == "a1111":
+        return (*request.getfixturevalue("webui_ui"), "64")
+    return (*request.getfixturevalue("forge_ui"), "512")
 
 
 def _fill(page, elem_id: str, value: str) -> None:
@@ -94,13 +127,14 @@ def _wait_js(page, condition: str, what: str, timeout: float = 180_000) -> None:
         raise AssertionError(f"{what}; status: {status}; result: {result}") from None
 
 
-def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
-    base, data = webui_ui
+def test_train_from_the_tab_with_previews(tab_host, tmp_path):
+    base, data, resolution = tab_host
     make_images(tmp_path / "images", count=4)
     with tab_page(base, tmp_path / "embtrain-tab.png") as page:
         # The checkpoint's own resolution (the tiny SD1's config: 8 latent pixels, so 64 px) is filled in when the
         # page loads; the learning rate is the default for every family (in table units).
-        _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '64'", "no default")
+        _wait_js(page, f"() => gradioApp().querySelector('#embtrain_resolution input').value === '{resolution}'",
+                 "no default")  # fmt: skip
         assert _value(page, "embtrain_learning_rate") == TrainConfig().learning_rate
         assert _value(page, "embtrain_init_mode") == TrainConfig().init_mode
         _fill(page, "embtrain_name", "uicat")
@@ -140,8 +174,8 @@ def test_train_from_the_tab_with_previews(webui_ui, tmp_path):
     assert not [e for e in errors if "embtrain" in e.lower()], errors
 
 
-def test_name_warnings_and_stop_during_a_live_run(webui_ui, tmp_path):
-    base, data = webui_ui
+def test_name_warnings_and_stop_during_a_live_run(tab_host, tmp_path):
+    base, data, _ = tab_host
     make_images(tmp_path / "images", count=4)
     save_embedding(EmbeddingData("taken", {"clip_l": torch.zeros(1, 32)}), data / "embeddings" / "taken.safetensors")
     with tab_page(base, tmp_path / "embtrain-stop.png") as page:
