@@ -3,7 +3,7 @@
 Set ``EMBTRAIN_FORGE_DIR`` (a Forge checkout with ``repositories/huggingface_guess``; tested: commit dfdcbab6 of
 2025-06-26, version 2.0.1v1.10.1) and ``EMBTRAIN_FORGE_PYTHON`` (the Python that runs it). Forge recognises a
 checkpoint by its UNet's layout and builds the text encoders and VAE from the full-size configs it ships, so each
-test checkpoint (SD1, SDXL) has a UNet of the family's layout, as small as that allows, and full-size text encoders
+test checkpoint (SD1, SD2, SDXL) has a UNet of the family's layout, as small as that allows, and full-size text encoders
 and VAE with random weights (``forge_checkpoint``). For each, the test starts Forge API-only with this repository as
 its extension, trains through ``/embtrain/v1``, and checks that every vector of every encoder moved (Forge's weights
 are inference tensors and its transformer block adds in place: the adapter must get gradients through anyway) and
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ CAT = 2368  # CLIP's token id of "cat"
 #: Per family: the token-embedding table(s) in the exported checkpoint, by encoder key.
 TOKEN_TABLES = {
     "sd1": {"clip_l": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
+    "sd2": {"clip_h": "cond_stage_model.model.token_embedding.weight"},
     "sdxl": {
         "clip_l": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
         "clip_g": "conditioner.embedders.1.model.token_embedding.weight",
@@ -56,7 +58,11 @@ def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
 
     from embedding_trainer.standalone.export_a1111 import export_a1111
 
-    repo = "runwayml/stable-diffusion-v1-5" if family == "sd1" else "stabilityai/stable-diffusion-xl-base-1.0"
+    repo = {
+        "sd1": "runwayml/stable-diffusion-v1-5",
+        "sd2": "stabilityai/stable-diffusion-2-1",
+        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    }[family]
     configs = forge / "backend" / "huggingface" / repo
     torch.manual_seed(0)
     if family == "sd1":
@@ -64,6 +70,13 @@ def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
             sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+        )  # fmt: skip
+        encoders = {"text_encoder": CLIPTextModel}
+    elif family == "sd2":  # SD2.1's scheduler config is v-prediction; the exported yaml says so to Forge
+        unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=1024,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=5, use_linear_projection=True,
         )  # fmt: skip
         encoders = {"text_encoder": CLIPTextModel}
     else:
@@ -88,7 +101,7 @@ def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
     return export_a1111(parts, out, dtype=torch.float16).checkpoint
 
 
-@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def forge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     family = request.param
     data = tmp_path_factory.mktemp(f"forge-data-{family}")
@@ -111,7 +124,7 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
 
     make_images(tmp_path / "images", count=4)
     # SD1 with a preview in the middle: Forge generates it under inference_mode and may load weights anew, after
-    # which the adapter must still get gradients. SDXL (full-size OpenCLIP-G on the CPU) trains 4 steps.
+    # which the adapter must still get gradients. SD2 and SDXL (full-size OpenCLIP on the CPU) train 4 steps.
     steps = {"max_steps": 6, "preview_every": 3, "preview_steps": 2} if forge.family == "sd1" else {"max_steps": 4}
     body = {"name": "forgecat", "images": str(tmp_path / "images"), "resolution": 64, "batch_size": 2,
             "num_vectors": 2, "init_text": "cat", "weight_decay": 0.0, **steps}  # fmt: skip
@@ -119,7 +132,8 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
     assert status == 200, reply
     run = wait_finished(forge, reply["id"], timeout=900)
     assert run["state"] == "finished", run["error"]
-    assert run["model"]["family"] == forge.family and run["model"]["prediction_type"] == "epsilon"
+    assert run["model"]["family"] == forge.family
+    assert run["model"]["prediction_type"] == ("v_prediction" if forge.family == "sd2" else "epsilon")
     assert list(run["model"]["encoders"]) == list(TOKEN_TABLES[forge.family])
     path = Path(run["result"]["embedding_path"])
     assert path == forge.data / "embeddings" / "forgecat.safetensors" and path.is_file()
@@ -151,3 +165,25 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
 def test_errors_in_forge_reach_the_api(forge: Client) -> None:
     status, reply = forge.request("POST", "/embtrain/v1/runs", {"name": "x", "images": "y", "resolution": 70})
     assert status == 422 and reply["detail"][0]["field"] == "resolution"
+
+
+def test_forges_progress_and_interrupt_follow_a_run(forge: Client, tmp_path: Path) -> None:
+    """Forge's own progress report (what its progress bar reads) follows a run, and its Interrupt stops it with the
+    vectors saved."""
+    if forge.family != "sd1":
+        pytest.skip("the job-state bridge is the same for every family; SD1 is the quick one")
+    make_images(tmp_path / "images", count=4)
+    body = {"name": "stopcat", "images": str(tmp_path / "images"), "resolution": 64, "max_steps": 100000}
+    status, reply = forge.request("POST", "/embtrain/v1/runs", body)
+    assert status == 200, reply
+    deadline = time.monotonic() + 300
+    while forge.request("GET", f"/embtrain/v1/runs/{reply['id']}")[1]["step"] < 3:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.5)
+    progress = forge.request("GET", "/sdapi/v1/progress?skip_current_image=true")[1]
+    assert progress["progress"] > 0 and progress["state"]["sampling_steps"] == 100000, progress
+    assert re.match(r"step \d+/100000, loss ", progress["textinfo"]), progress
+    assert forge.request("POST", "/sdapi/v1/interrupt")[0] == 200
+    run = wait_finished(forge, reply["id"], timeout=120)
+    assert run["state"] == "stopped", run
+    assert (forge.data / "embeddings" / "stopcat.safetensors").is_file()
