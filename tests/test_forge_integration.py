@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_images
-from test_webui_integration import Client, wait_finished
+from test_webui_integration import CAT, FAMILIES, Client, wait_finished
 from webui_launcher import launched
 
 from embedding_trainer.embedding_file import load_embedding
@@ -33,18 +33,6 @@ pytestmark = pytest.mark.skipif(
     not (FORGE and FORGE_PYTHON), reason="set EMBTRAIN_FORGE_DIR (a Forge 2.x checkout) and EMBTRAIN_FORGE_PYTHON"
 )
 ROOT = Path(__file__).resolve().parents[1]
-CAT = 2368  # CLIP's token id of "cat"
-
-
-#: Per family: the token-embedding table(s) in the exported checkpoint, by encoder key.
-TOKEN_TABLES = {
-    "sd1": {"clip_l": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
-    "sd2": {"clip_h": "cond_stage_model.model.token_embedding.weight"},
-    "sdxl": {
-        "clip_l": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-        "clip_g": "conditioner.embedders.1.model.token_embedding.weight",
-    },
-}
 
 
 def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
@@ -134,7 +122,7 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
     assert run["state"] == "finished", run["error"]
     assert run["model"]["family"] == forge.family
     assert run["model"]["prediction_type"] == ("v_prediction" if forge.family == "sd2" else "epsilon")
-    assert list(run["model"]["encoders"]) == list(TOKEN_TABLES[forge.family])
+    assert list(run["model"]["encoders"]) == list(FAMILIES[forge.family])
     path = Path(run["result"]["embedding_path"])
     assert path == forge.data / "embeddings" / "forgecat.safetensors" and path.is_file()
     if forge.family == "sd1":
@@ -144,7 +132,7 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
     # encoders').
     checkpoint = load_file(str(forge.checkpoint))
     trained = load_embedding(path).vectors
-    for key, table in TOKEN_TABLES[forge.family].items():
+    for key, table in FAMILIES[forge.family].items():
         init = checkpoint[table][CAT].float()
         vectors = trained[key if forge.family == "sdxl" else "vec"]
         moved = (vectors - init).abs().amax(dim=1)
