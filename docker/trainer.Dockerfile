@@ -5,6 +5,11 @@
 #       train --model /models/my-sd15 --images /data --name my-cat --output-dir /out --run-dir /out/runs/my-cat
 #   docker run embedding-trainer demo            # the shipped demo, on the CPU
 #
+# Several GPUs: the same command under torchrun, one process per GPU (data-parallel, or a job file with `jobs`);
+# NCCL needs more shared memory than Docker's default 64 MB, hence --ipc host (or --shm-size 1g):
+#   docker run --gpus all --ipc host -v ... --entrypoint torchrun embedding-trainer \
+#       --standalone --nproc-per-node 4 -m embedding_trainer train --model /models/my-sdxl --images /data ...
+#
 # Build arguments (defaults: public images and PyPI):
 #   BASE_IMAGE   a Debian bookworm image (its python3 is 3.11)
 #   TORCH_SPEC   the torch requirement; PyPI's torch 2.13.0 for Linux x86_64 is a CUDA build

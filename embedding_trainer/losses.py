@@ -46,11 +46,14 @@ def denoising_loss(
     target: torch.Tensor,
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Mean squared error per sample, masked (``mask`` is ``[B,1,h,w]`` in [0,1]) and weighted, averaged to a scalar.
 
     A masked sample's error is averaged over its weighted area, so images with large transparent regions are not
-    down-weighted as a whole.
+    down-weighted as a whole. ``batch_size``: when these rows are one process's share of a larger batch
+    (data-parallel), that batch's size: the samples' sum is divided by it, so the shares' losses add up to the
+    batch's mean.
     """
     error = (prediction.float() - target.float()) ** 2
     if mask is None:
@@ -60,4 +63,4 @@ def denoising_loss(
         per_sample = (error * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1e-6)
     if weights is not None:
         per_sample = per_sample * weights
-    return per_sample.mean()
+    return per_sample.sum() / (per_sample.shape[0] if batch_size is None else batch_size)

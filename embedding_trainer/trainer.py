@@ -7,6 +7,7 @@ save therefore only needs the vectors, the optimiser state, the grad-scaler stat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import csv
@@ -32,6 +33,7 @@ from . import __version__
 from .config import TrainConfig
 from .cpu_threads import ThreadSetup, ThreadTuner
 from .dataset import RenderedSample, Sample, ScanResult, TrainingSet, scan_dataset
+from .distributed import Processes
 from .embedding_file import EmbeddingData, load_embedding, save_embedding, write_atomically
 from .errors import ConfigError, EmbeddingFileError, TrainingError
 from .host import Host, ImageInfo
@@ -247,8 +249,12 @@ class _CachedLatents:
 class Trainer:
     """One training run. ``Trainer(config, host, callbacks).run()`` returns a :class:`TrainResult`."""
 
-    def __init__(self, config: TrainConfig, host: Host, callbacks: Callbacks | None = None):
+    def __init__(
+        self, config: TrainConfig, host: Host, callbacks: Callbacks | None = None, processes: Processes | None = None
+    ):
+        """``processes``: this process's place in a data-parallel run (``distributed``; default one process)."""
         config.require_for_training()
+        self.processes = processes or Processes()
         # Resolution 0 means the checkpoint's own size; the config (its config.json, status and saves) says which.
         self.native_resolution = not config.resolution
         config = config.replace(resolution=config.resolution or host.default_resolution)
@@ -298,6 +304,9 @@ class Trainer:
         self.chosen_start = 0
         self._other_starts_steps = 0  # steps the starts not chosen trained (for the speed and the ETA)
         self.resume_state: dict[str, torch.Tensor] | None = None
+        # Data-parallel: this process has been asked to stop; the last two steps' summed stop votes.
+        self._stop_vote = False
+        self._stop_votes: collections.deque[torch.Tensor] = collections.deque(maxlen=2)
         # lr_scale table: each encoder's rate is scaled by its table's typical coordinate, SD1's being 1x.
         self.lr_factors = {
             e.key: table_scale(host, e.key) / SD1_TABLE_SCALE if config.lr_scale == "table" else 1.0
@@ -312,8 +321,9 @@ class Trainer:
         )
         self.vectors = self._initial_vectors()
         self.initial_vectors = self.vectors  # what training starts from (best-word replaces it when the run starts)
-        self._remove_leftovers()  # a killed run's temporary files, before the folders are judged
-        self._check_outputs()
+        if self.processes.writes_files:  # the others would race process 0 for the same files
+            self._remove_leftovers()  # a killed run's temporary files, before the folders are judged
+            self._check_outputs()
         # Encoded latents per (image, flipped), kept on the device and reused across epochs.
         self.cache: dict[tuple[int, bool], _CachedLatents] = {}
         self._plan: list[list[Sample]] = []  # the batches of epoch ``_plan_epoch``
@@ -333,6 +343,12 @@ class Trainer:
     def _plan_warnings(self) -> list[str]:
         """What is questionable about this run before it starts: skipped files, a trigger the model knows."""
         warnings = [f"skipped {problem.path}: {problem.message}" for problem in self.scan.problems]
+        processes, batch = self.processes.world_size, self.config.batch_size
+        if processes > batch:
+            warnings.append(
+                f"batch_size {batch} over {processes} processes leaves {processes - batch} of them without images in "
+                f"every batch; raise batch_size to at least {processes} or start fewer processes"
+            )
         name = self.config.name
         if self.host.known_token_count(name) == 1:
             warnings.append(
@@ -450,6 +466,11 @@ class Trainer:
             f"  optimiser: AdamW lr {lr}" + (f", warm-up {c.lr_warmup_steps}" if c.lr_warmup_steps else ""),
             f"  scoring:   {scoring}",
             f"  device:    {self.device}, {self.precision}"
+            + (
+                f", data-parallel over {self.processes.world_size} processes (each takes its share of every batch)"
+                if self.processes.distributed
+                else ""
+            )
             + (", gradient checkpointing" if c.gradient_checkpointing else "")
             + (", VAE in RAM after caching" if c.vae_to_cpu else ""),
             f"  output:    {self.output_path} (run folder {self.run_dir})",
@@ -500,11 +521,13 @@ class Trainer:
                 self._status(f"encoding latents {done}/{len(keys)}")
 
     def _batch(
-        self, samples: list[Sample], index: int, seed: int
+        self, batch: list[Sample], share: slice, index: int, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[ImageInfo], list[str]]:
-        """Latents, masks, image infos and prompts for micro-batch ``index``."""
+        """Latents, masks, image infos and prompts of this process's ``share`` of micro-batch ``index`` (all of it in
+        one process): the rows the whole batch's draws give them."""
         rng = random.Random(_seeded(seed, "prompts", index))
-        prompts = [self.prompts.build(self.data.caption(s.record_index), rng) for s in samples]
+        prompts = [self.prompts.build(self.data.caption(s.record_index), rng) for s in batch][share]
+        samples = batch[share]
         rendered = [self.data.render(s) for s in samples] if not self.data.cacheable else None
         if rendered is None:
             entries = [self.cache[(s.record_index, s.flip)] for s in samples]
@@ -519,7 +542,7 @@ class Trainer:
             infos = [r.info for r in rendered]
             masks = [self._latent_mask(r, mean.shape[1:]) for r in rendered]
         generator = torch.Generator().manual_seed(_seeded(seed, "latents", index))
-        latents = mean + std * torch.randn(mean.shape, generator=generator).to(self.device)
+        latents = mean + std * torch.randn((len(batch), *mean.shape[1:]), generator=generator)[share].to(self.device)
         mask = None
         if any(m is not None for m in masks):
             mask = torch.stack([m if m is not None else torch.ones_like(latents[0, :1]) for m in masks])
@@ -537,13 +560,18 @@ class Trainer:
         """The loss of micro-batch ``index``; its data, noise and timesteps depend only on (seed, index)."""
         c = self.config
         seed = c.seed if seed is None else seed
-        latents, mask, infos, prompts = self._batch(self._micro_batch(index), index, seed)
+        batch = self._micro_batch(index)
+        share = self.processes.share(len(batch))
+        if share.start == share.stop:  # data-parallel, a batch smaller than the processes: no rows here
+            return sum(leaf.sum() for leaf in leaves.values()) * 0.0
+        latents, mask, infos, prompts = self._batch(batch, share, index, seed)
         generator = torch.Generator().manual_seed(_seeded(seed, "noise", index))
-        batch = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator)
+        size = len(batch)
+        noise = torch.randn((size, *latents.shape[1:]), generator=generator)[share]
         if c.noise_offset:
-            noise = noise + c.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator)
-        timesteps = torch.randint(c.timestep_min, c.timestep_max + 1, (batch,), generator=generator)
+            offsets = torch.randn((size, latents.shape[1], 1, 1), generator=generator)[share]
+            noise = noise + c.noise_offset * offsets
+        timesteps = torch.randint(c.timestep_min, c.timestep_max + 1, (size,), generator=generator)[share]
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         noisy = add_noise(latents, noise, timesteps, self.alphas_cumprod)
         autocast = (
@@ -560,7 +588,7 @@ class Trainer:
             if c.min_snr_gamma
             else None
         )
-        return denoising_loss(prediction, target, mask, weights)
+        return denoising_loss(prediction, target, mask, weights, batch_size=size)
 
     def held_out_loss(
         self, vectors: dict[str, torch.Tensor], batches: int = EVAL_BATCHES, seed: int = EVAL_SEED
@@ -577,6 +605,8 @@ class Trainer:
     @torch.no_grad()
     def _held_out_loss(self, leaves: dict[str, torch.Tensor], batches: int, seed: int) -> float:
         total = sum(self._loss(i, leaves, seed).detach().float() for i in range(batches))
+        assert isinstance(total, torch.Tensor)  # batches >= 1
+        self.processes.sum_(total)  # data-parallel: the shares add up to the batches' losses
         return float(total) / batches  # one transfer per evaluation
 
     def _check_first_gradients(self, leaves: dict[str, torch.Tensor]) -> bool:
@@ -627,6 +657,8 @@ class Trainer:
             scaled = loss / c.grad_accum
             total = scaled.detach() if total is None else total + scaled.detach()
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if self.processes.distributed:
+            total = self._sum_over_processes(leaves, total)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clipping and the gradient check see true gradients
         if not self._gradients_checked:
@@ -644,6 +676,33 @@ class Trainer:
         self._project_norms(leaves)
         assert total is not None  # grad_accum >= 1
         return total
+
+    def _sum_over_processes(self, leaves: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+        """Data-parallel: one all-reduce per step sums every process's (still scaled) gradients, loss share and
+        stop vote; returns the step's loss. Every process then holds the same gradients and takes the same step."""
+        for key, leaf in leaves.items():
+            if leaf.grad is None:  # before the collective: every process raises, none waits
+                raise TrainingError(_no_gradient_message(key))
+        grads = [leaf.grad for leaf in leaves.values()]
+        vote = torch.tensor([1.0 if self._stop_vote else 0.0], device=total.device)
+        buffer = torch.cat([*(g.reshape(-1).float() for g in grads), total.float().reshape(1), vote])
+        self.processes.sum_(buffer)
+        offset = 0
+        for grad in grads:
+            grad.copy_(buffer[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        self._stop_votes.append(buffer[-1].clone())
+        return buffer[-2]
+
+    def _stop_asked(self) -> bool:
+        """Whether to stop before the next step. Data-parallel: this process votes (its vote travels with the next
+        step's all-reduce) and every process stops on the votes summed two steps back, so all stop after the same
+        step (two, not one: reading a GPU's newest sum would wait for its step and leave the GPU idle)."""
+        asked = bool(self.callbacks.should_stop and self.callbacks.should_stop())
+        if not self.processes.distributed:
+            return asked
+        self._stop_vote = self._stop_vote or asked
+        return len(self._stop_votes) == 2 and float(self._stop_votes[0]) > 0
 
     @torch.no_grad()
     def _project_norms(self, leaves: dict[str, torch.Tensor]) -> None:
@@ -737,7 +796,7 @@ class Trainer:
             pending: list[_PendingStep] = []
             last_status = time.perf_counter()
             for step in range(length):
-                if self.callbacks.should_stop and self.callbacks.should_stop():
+                if self._stop_asked():
                     stopped = True
                     break
                 loss, lr = self._scheduled_step(step, leaves, optimizer, seed)
@@ -786,6 +845,8 @@ class Trainer:
         repeats those steps) and continues the elapsed time and the smoothed loss of the rows it keeps."""
         path = self.run_dir / "loss.csv"
         self._elapsed_before = 0.0
+        if not self.processes.writes_files:
+            return open(os.devnull, "w", newline="", encoding="utf-8")
         kept: list[list[str]] = []
         if self.config.resume and path.is_file():
             with open(path, newline="", encoding="utf-8") as f:
@@ -889,8 +950,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.run_dir / "config.json", lambda f: f.write(c.to_json().encode("utf-8")), overwrite=True)
+        if self.processes.writes_files:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(
+                self.run_dir / "config.json", lambda f: f.write(c.to_json().encode("utf-8")), overwrite=True
+            )
         leaves = {k: v.to(self.device).requires_grad_(True) for k, v in self.vectors.items()}
         optimizer = self._make_optimizer(leaves)
         # Device-side copies: no transfer to the CPU (a sync on CUDA) until a file is written.
@@ -916,6 +980,7 @@ class Trainer:
                 if c.init_mode == "best-word" and not c.resume:
                     self._choose_init_word(leaves)
                 self._project_norms(leaves)
+                self.processes.check_identical(leaves, "the starting vectors")
                 self._good_vectors = {k: v.detach().clone() for k, v in leaves.items()}
                 self.initial_vectors = {k: v.detach().cpu().clone() for k, v in leaves.items()}
                 if c.eval_every and step == 0:
@@ -925,7 +990,7 @@ class Trainer:
                     step, stopped = self._train_starts(leaves, optimizer, log, loop_start)
                 self._status("training")
                 while step < c.max_steps and not self.early_stopped and not stopped:
-                    if self.callbacks.should_stop and self.callbacks.should_stop():
+                    if self._stop_asked():
                         stopped = True
                         break
                     loss, lr = self._scheduled_step(step, leaves, optimizer)
@@ -943,8 +1008,10 @@ class Trainer:
                     if self.callbacks.on_step:
                         self.callbacks.on_step(step, {k: v.detach() for k, v in leaves.items()})
                     if saving:
+                        self._check_processes_agree(leaves, optimizer, f"the save at step {step}")
                         self._save_intermediate(step, self._good_vectors, optimizer)
                 self._report(pending, leaves, log)  # a stop leaves steps to report
+                self._check_processes_agree(leaves, optimizer, f"the end of the run (step {step})")
             except BaseException as error:
                 raise self._failed(error, step) from error
             finally:
@@ -990,12 +1057,27 @@ class Trainer:
             chosen_start=self.chosen_start,
         )
 
+    def _check_processes_agree(
+        self, leaves: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, when: str
+    ) -> None:
+        """Data-parallel: the vectors and AdamW's moments must be the same in every bit on every process."""
+        if not self.processes.distributed:
+            return
+        tensors = {f"vectors.{k}": v for k, v in leaves.items()}
+        for key, leaf in leaves.items():
+            for name, value in optimizer.state.get(leaf, {}).items():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    tensors[f"optimizer.{key}.{name}"] = value
+        self.processes.check_identical(tensors, when)
+
     def _failed(self, error: BaseException, step: int) -> BaseException:
         """Keep the last good vectors on disk and say where they are (``step``: the steps done when it failed)."""
         saved = self._save_last_good(self._good_step, self._good_vectors)
         if isinstance(error, KeyboardInterrupt):
             return error
         where = f"\nLast good embedding (step {self._good_step}): {saved}"
+        if not self.processes.writes_files:
+            where = f"\n(process 0 keeps the files; this is process {self.processes.rank})"
         if isinstance(error, TrainingError):
             return TrainingError(f"{error}{where}")
         if _is_out_of_memory(error):
@@ -1039,6 +1121,8 @@ class Trainer:
         picture: Any = None,
         run_steps: int | None = None,
     ) -> Path:
+        if not self.processes.writes_files:
+            return path
         data = self._embedding(vectors, step, run_steps)
         written = save_embedding(data, path, overwrite=overwrite, picture=picture)
         if self.callbacks.on_save:
@@ -1050,6 +1134,8 @@ class Trainer:
         second embedding with the same trigger), showing ``card_picture``, else the first preview, else a tile."""
         from PIL import Image
 
+        if not self.processes.writes_files:
+            return self.run_dir / f"{self.config.name}.png"
         previews = sorted((self.run_dir / "previews").glob("*.png"))
         source = self.config.card_picture or (str(previews[0]) if previews else "")
         picture = None
@@ -1069,6 +1155,8 @@ class Trainer:
     ) -> Path:
         saves = self.run_dir / "saves"
         stem = f"{self.config.name}-{step:06d}"
+        if not self.processes.writes_files:
+            return saves / f"{stem}{STATE_SUFFIX}"
         self._write_embedding(saves / f"{stem}.safetensors", vectors, step, overwrite=True)
         state_path = saves / f"{stem}{STATE_SUFFIX}"
         save_state(state_path, vectors, optimizer, self.scaler, step, self.base_step, self.config.to_json())

@@ -123,6 +123,24 @@ def test_the_trainer_image_runs_the_demo_as_a_user_and_inspects_a_file_from_a_vo
     assert "family: sd1" in inspected.stdout + inspected.stderr
 
 
+def test_the_trainer_image_runs_the_same_torchrun_command(trainer_image, tmp_path):
+    """Data-parallel in the container: torchrun (in the image's environment) with 2 gloo processes on the CPU."""
+    from conftest import make_images
+
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "embedding_trainer/toyworld/weights/base-model", data / "model")
+    make_images(data / "images", count=4)
+    data.chmod(0o777)  # the image's user (uid 1000) writes here
+    run = docker("run", "--rm", "--network", "none", "-v", f"{data}:/data", "--entrypoint", "torchrun", trainer_image,
+                 "--standalone", "--nproc-per-node", "2", "-m", "embedding_trainer", "train", "--model", "/data/model",
+                 "--images", "/data/images", "--name", "dock-cat", "--max-steps", "5", "--batch-size", "4",
+                 "--output-dir", "/data/out", "--run-dir", "/data/run", "--device", "cpu", timeout=600)  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    assert "[process 0] finished after 5 steps" in output and "in 2 processes" in output
+    assert (data / "out/dock-cat.safetensors").is_file()
+
+
 @contextlib.contextmanager
 def running_container(image: str, name: str, args: list[str]) -> Iterator[str]:
     docker("rm", "-f", name, timeout=60)

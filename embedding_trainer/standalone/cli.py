@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, field_kind
+from ..distributed import Processes
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..log import logger
 from ..toyworld.world import HELD_OUT_CONCEPTS
 
 #: Options that are not TrainConfig fields (host-specific or CLI-only).
-_CLI_ONLY = {"model", "config", "command", "quiet"}
+_CLI_ONLY = {"model", "config", "command", "quiet", "job_file", "summary"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m embedding_trainer", description="Textual-inversion training.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train an embedding on a diffusers-format model folder")
+    train = sub.add_parser(
+        "train",
+        help="train an embedding on a diffusers-format model folder (under torchrun: data-parallel, one process "
+        "per GPU, each taking its share of every batch)",
+    )
     train.add_argument("--model", required=True, help="diffusers model folder (with model_index.json)")
     train.add_argument("--config", help="JSON file of TrainConfig fields (flags given here override it)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
+
+    jobs = sub.add_parser(
+        "jobs",
+        help="train many embeddings from a job file (JSON Lines, one object of training options per embedding); "
+        "under torchrun the jobs spread over the processes",
+    )
+    jobs.add_argument("job_file", metavar="JOB_FILE", help='e.g. a line {"name": "my-cat", "images": "photos/cat"}')
+    jobs.add_argument("--model", default="", help="diffusers model folder for jobs that name no \"model\"")
+    jobs.add_argument("--config", help="JSON file of defaults for every job (flags given here override it)")
+    jobs.add_argument("--summary", help="where to write the JSON summary (default: JOB_FILE.summary.json)")
+    _add_config_flags(jobs)
 
     render = sub.add_parser(
         "render",
@@ -131,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """``--config`` file (or the resumed run's config), then the flags given explicitly on the command line."""
+    return TrainConfig.from_dict(config_values(args))
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the command line gives (see :func:`config_from_args`), not yet checked together."""
     values: dict[str, Any] = {}
     if getattr(args, "resume", ""):
         from ..run_state import find_state, load_state
@@ -145,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError("config", f"{args.config} must hold a JSON object of fields, got {type(loaded).__name__}")
         values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if k not in _CLI_ONLY})
-    return TrainConfig.from_dict(values)
+    return values
 
 
 class ProgressBar:
@@ -155,9 +177,14 @@ class ProgressBar:
     LINES_PER_RUN = 20
     PLAIN_EVERY_S = 30.0
 
-    def __init__(self, stream: Any = None, width: int = 24):
+    def __init__(self, stream: Any = None, width: int = 24, label: str = "", interactive: bool | None = None):
+        """``label``: what plain lines start with (e.g. a job's name); ``interactive``: False for plain lines even on
+        a terminal (several processes share it)."""
         self.stream, self.width = stream if stream is not None else sys.stderr, width  # stderr as it is now
-        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label = label
+        if interactive is None:
+            interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interactive = interactive
         self.last = 0.0 if self.interactive else time.monotonic()  # plain lines: the 30 s clock starts now
         self.open_line = False  # a redrawn line without its newline yet
 
@@ -173,7 +200,7 @@ class ProgressBar:
             every = max(1, p.total_steps // self.LINES_PER_RUN)
             if done or p.step % every == 0 or now - self.last >= self.PLAIN_EVERY_S:
                 self.last = now
-                self.stream.write(f"step {text}\n")
+                self.stream.write(f"{self.label + ' ' if self.label else ''}step {text}\n")
                 self.stream.flush()
             return
         if now - self.last < 0.1 and not done:
@@ -227,9 +254,50 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def run_training(config: TrainConfig, model: str, show_progress: bool = True) -> tuple[Any, Any]:
+class StopSignals:
+    """Ctrl-C (SIGINT) asks the run to stop after its step and save; a second one aborts. Under torchrun SIGTERM asks
+    too (torchrun sends it when another process fails) and a repeat never aborts: torchrun forwards the terminal's
+    Ctrl-C, so every process gets it twice, and torchrun itself kills a process that does not stop in time."""
+
+    def __init__(self, processes: Processes):
+        self.asked = False
+        self.processes = processes
+        self.signals = [signal.SIGINT, signal.SIGTERM] if processes.distributed else [signal.SIGINT]
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {number: signal.signal(number, self._on_signal) for number in self.signals}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.asked:
+            if not self.processes.distributed:
+                raise KeyboardInterrupt
+            return
+        self.asked = True
+        again = "" if self.processes.distributed else " (Ctrl-C again to abort)"
+        logger.warning("\nstopping after this step and saving%s", again)
+
+
+def _resume_command(model: str, run_dir: Path, processes: Processes) -> str:
+    launcher = ["python", "-m"]
+    if processes.distributed:  # torchrun again (several nodes: with the same node options as before)
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(processes.world_size))
+        launcher = ["torchrun", "--nproc-per-node", per_node, "-m"]
+    return shlex.join([*launcher, "embedding_trainer", "train", "--model", model, "--resume", str(run_dir)])
+
+
+def run_training(
+    config: TrainConfig, model: str, show_progress: bool = True, processes: Processes | None = None
+) -> tuple[Any, Any]:
     """Load the model as the config asks and train; Ctrl-C stops cleanly (a second Ctrl-C aborts).
 
+    ``processes``: this process's place in a data-parallel run under torchrun (default one process): every process
+    loads the model and trains its share of each batch; process 0 writes the files and reports progress.
     Returns the ``Trainer`` and its ``TrainResult``.
     """
     from ..hosts.diffusers_host import DiffusersHost
@@ -243,38 +311,43 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
         resolve_precision,
     )
 
+    processes = processes or Processes()
     config.require_for_training()
-    check_output_free(config)  # before minutes of model loading
-    check_inputs(config)
-    device = resolve_device(config.device)
+    device = resolve_device(processes.device(config.device))
     precision = resolve_precision(config.precision, device)
-    logger.info("loading %s on %s (%s)", model, device, precision)
-    host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
-    stop = {"asked": False}
-
-    def on_interrupt(signum: int, frame: Any) -> None:
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
-        logger.warning("\nstopping after this step and saving (Ctrl-C again to abort)")
-
-    bar = ProgressBar() if show_progress else None
+    processes.join(device)
+    stop = StopSignals(processes)
+    bar = ProgressBar() if show_progress and processes.writes_files else None
 
     def on_evaluation(step: int, score: float) -> None:
         if bar is not None:
             bar.end_line()
         logger.info("step %d: held-out loss %.4f (fixed views of the images; lower is better)", step, score)
 
-    callbacks = Callbacks(on_progress=bar, should_stop=lambda: stop["asked"], on_evaluation=on_evaluation)
-    trainer = Trainer(config, host, callbacks)
-    logger.info("%s", trainer.describe())
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    callbacks = Callbacks(on_progress=bar, should_stop=lambda: stop.asked, on_evaluation=on_evaluation)
+    trainer: Trainer | None = None
+    problem: BaseException | None = None
     try:
-        result = trainer.run()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if bar is not None:
-            bar.end_line()
+        check_output_free(config)  # before minutes of model loading
+        check_inputs(config)
+        where = f" in {processes.world_size} processes (this is {processes.rank})" if processes.distributed else ""
+        logger.info("loading %s on %s (%s)%s", model, device, precision, where)
+        host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
+        trainer = Trainer(config, host, callbacks, processes)
+    except (EmbeddingTrainerError, OSError) as error:
+        problem = error
+    processes.agree(problem, "setting up the run")  # a process that failed raises; the others name it
+    assert trainer is not None
+    processes.check_same(
+        json.dumps([[str(r.path), r.size] for r in trainer.scan.records]) + config.to_json(), "training images"
+    )
+    logger.info("%s", trainer.describe())
+    with stop:
+        try:
+            result = trainer.run()
+        finally:
+            if bar is not None:
+                bar.end_line()
     verb = "stopped" if result.stopped else "finished"
     threads = f", {result.cpu_threads.describe()}" if result.cpu_threads and device.type == "cpu" else ""
     this_run = result.steps - trainer.start_step  # a resumed run reports its own steps and time
@@ -308,8 +381,8 @@ def run_training(config: TrainConfig, model: str, show_progress: bool = True) ->
     if trainer.warnings:
         logger.warning("%d warning(s):%s", len(trainer.warnings), "".join(f"\n  {w}" for w in trainer.warnings))
     if result.stopped:
-        command = ["python", "-m", "embedding_trainer", "train", "--model", model, "--resume", str(result.run_dir)]
-        logger.warning("stopped at step %d; continue with:\n  %s", result.steps, shlex.join(command))
+        command = _resume_command(model, result.run_dir, processes)
+        logger.warning("stopped at step %d; continue with:\n  %s", result.steps, command)
     return trainer, result
 
 
@@ -335,21 +408,52 @@ def _render(args: argparse.Namespace) -> Path:
 
 #: The exit status of a training run stopped by Ctrl-C (what a shell reports for SIGINT): it saved, but did not finish.
 EXIT_STOPPED = 130
+#: The exit status of a job file with failed jobs (the others ran; the summary says which failed and why).
+EXIT_JOBS_FAILED = 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    processes = Processes.from_environment()
+    if not processes.writes_files:  # process 0 reports; the others only say what goes wrong
+        logger.setLevel(logging.WARNING)
+    try:
+        _, result = run_training(config_from_args(args), args.model, not args.quiet, processes)
+    finally:
+        processes.leave()
+    return EXIT_STOPPED if result.stopped else 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from .jobs import run_jobs
+
+    processes = Processes.from_environment()
+    with StopSignals(processes) as stop:
+        defaults = config_values(args)
+        TrainConfig.from_dict(defaults)  # the flags themselves must be valid before any job runs
+        summary = Path(args.summary) if args.summary else None
+        results = run_jobs(Path(args.job_file), defaults, args.model, summary, lambda: stop.asked)
+    if results is None:  # not process 0: its jobs are in process 0's summary
+        return 0
+    if any(r.status == "failed" for r in results):
+        return EXIT_JOBS_FAILED
+    return EXIT_STOPPED if any(r.status in ("stopped", "not started") for r in results) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    processes = Processes.from_environment()  # several processes share the terminal: say which one speaks
+    prefix = f"[process {processes.rank}] " if processes.distributed else ""
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     logger.addHandler(handler)
     previous_level = logger.level
     logger.setLevel(logging.INFO)
     _quiet_libraries()
     try:
         if args.command == "train":
-            _, result = run_training(config_from_args(args), args.model, show_progress=not args.quiet)
-            if result.stopped:
-                return EXIT_STOPPED
+            return _train(args)
+        if args.command == "jobs":
+            return _jobs(args)
         elif args.command == "render":
             print(_render(args))
         elif args.command == "inspect":

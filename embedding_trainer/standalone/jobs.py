@@ -1,0 +1,244 @@
+"""Many embeddings from one job file: ``python -m embedding_trainer jobs JOBS.jsonl --model MODEL [flags]``.
+
+The job file is JSON Lines: one object per embedding holding ``TrainConfig`` fields (``name`` and ``images`` at
+least) and optionally ``model`` (another diffusers folder than ``--model``); blank lines and lines starting with
+``#`` are skipped. Training flags given on the command line are defaults that every job can override. Paths are
+read from the current folder, as the flags are.
+
+Each job is an ordinary run with its own run folder and files. One that cannot start or fails is recorded with its
+error and the others go on. Run the same command again and finished jobs are skipped (each leaves
+``job-result.json`` in its run folder), stopped or killed ones resume from their last save, failed ones start over.
+
+Under ``torchrun`` the jobs spread over the processes (one per GPU): each process takes the next job when it is
+free (:class:`~embedding_trainer.distributed.JobQueue`). Progress comes per job and overall; at the end process 0
+prints a summary and writes it as JSON (``--summary``, default ``<job file>.summary.json``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..distributed import JobQueue, Processes
+from ..embedding_file import write_atomically
+from ..errors import ConfigError, EmbeddingTrainerError
+from ..log import logger
+from ..run_state import STATE_SUFFIX
+
+#: Left in a job's run folder when the job has finished; a later run of the job file skips the job.
+JOB_RESULT = "job-result.json"
+
+
+@dataclass
+class Job:
+    line: int  # 1-based line in the job file
+    label: str  # the name, or "line N" when the line has none
+    config: TrainConfig | None = None
+    model: str = ""
+    error: str = ""  # why the job cannot run at all (its line is not a valid job)
+
+
+@dataclass
+class JobResult:
+    line: int
+    name: str
+    status: str  # finished, stopped, failed, skipped (finished earlier), not started (the command was stopped)
+    process: int | None = None
+    embedding: str = ""
+    run_dir: str = ""
+    steps: int = 0
+    final_loss: float | None = None
+    held_out_loss: float | None = None
+    elapsed_s: float = 0.0
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_jobs(path: Path, defaults: dict[str, Any], default_model: str) -> list[Job]:
+    """The job file's jobs, each with its config or the reason it cannot run (a bad line does not stop the rest)."""
+    if not path.is_file():
+        raise ConfigError("jobs", f"{path}: no such file; give a JSON Lines file with one object per embedding")
+    jobs: list[Job] = []
+    claimed: dict[Path, int] = {}  # output files and run folders, by the line that writes them
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = text.strip()
+        if not text or text.startswith("#"):
+            continue
+        job = Job(line=number, label=f"line {number}")
+        jobs.append(job)
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as error:
+            job.error = f"line {number} is not JSON ({error}); write one object per line, e.g. " + (
+                '{"name": "my-cat", "images": "photos/cat"}'
+            )
+            continue
+        if not isinstance(entry, dict):
+            job.error = f"line {number} holds {type(entry).__name__}, not an object of TrainConfig fields"
+            continue
+        job.label = str(entry.get("name") or job.label)
+        job.model = str(entry.pop("model", "") or default_model)
+        try:
+            config = TrainConfig.from_dict({**defaults, **entry})
+            config.require_for_training()
+        except ConfigError as error:
+            job.error = f"line {number}: {error}"
+            continue
+        if not job.model:
+            job.error = f"line {number}: no model; give --model or a \"model\" on the line"
+            continue
+        outputs = [Path(config.output_dir) / f"{config.name}.safetensors", Path(config.effective_run_dir)]
+        taken = [claimed[p.resolve()] for p in outputs if p.resolve() in claimed]
+        if taken:
+            job.error = (
+                f"line {number}: '{config.name}' would write the same files as line {taken[0]}; give it another name, "
+                "output_dir or run_dir"
+            )
+            continue
+        claimed.update({p.resolve(): number for p in outputs})
+        job.config = config
+    if not jobs:
+        raise ConfigError("jobs", f"{path} holds no jobs; write one JSON object per line")
+    return jobs
+
+
+class _Hosts:
+    """The last model this process loaded, kept for the next job that uses the same model, device and precision."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, str, str] | None = None
+        self.host: Any = None
+
+    def get(self, model: str, device: Any, precision: str) -> Any:
+        from ..hosts.diffusers_host import DiffusersHost
+        from ..trainer import COMPUTE_DTYPES
+
+        key = (str(Path(model).resolve()), str(device), precision)
+        if key != self.key:
+            self.host = self.key = None  # free the previous model first
+            logger.info("loading %s on %s (%s)", model, device, precision)
+            self.host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
+            self.key = key
+        return self.host
+
+
+def _finished_earlier(config: TrainConfig) -> dict[str, Any] | None:
+    marker = Path(config.effective_run_dir) / JOB_RESULT
+    try:
+        previous = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    embedding = Path(previous.get("embedding", ""))
+    return previous if previous.get("status") == "finished" and embedding.is_file() else None
+
+
+def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_stop: Any) -> JobResult:
+    """One job as an ordinary run on this process's device; never raises for the job's own failures."""
+    from ..trainer import Callbacks, Trainer, resolve_device, resolve_precision
+    from .cli import ProgressBar, _duration
+
+    head = f"job {job.line}" if job.label == f"line {job.line}" else f"job '{job.label}' (line {job.line})"
+    result = JobResult(line=job.line, name=job.label, status="failed", process=processes.rank)
+    if job.config is None:
+        result.error = job.error
+        return result
+    config = job.config
+    result.run_dir = config.effective_run_dir
+    previous = _finished_earlier(config)
+    if previous is not None:
+        logger.info("%s: finished earlier (%s), skipped", head, previous["embedding"])
+        result = JobResult(**{**previous, "status": "skipped", "process": processes.rank})
+        return result
+    saves = Path(config.effective_run_dir) / "saves"
+    if not config.resume and saves.is_dir() and any(saves.glob(f"*{STATE_SUFFIX}")):
+        logger.info("%s: resuming from its last save in %s", head, saves)
+        config = config.replace(resume=config.effective_run_dir)
+    started = time.perf_counter()
+    try:
+        device = resolve_device(processes.device(config.device))
+        precision = resolve_precision(config.precision, device)
+        host = hosts.get(job.model, device, precision)
+        bar = ProgressBar(label=f"{head}:", interactive=False if processes.distributed else None)
+        callbacks = Callbacks(on_progress=bar, should_stop=should_stop, on_warning=result.warnings.append)
+        trainer = Trainer(config, host, callbacks)
+        logger.info("%s of %d on %s:\n%s", head, count, device, trainer.describe())
+        outcome = trainer.run()
+        bar.end_line()
+    except Exception as error:  # noqa: BLE001 - a failed job is recorded and the others go on
+        known = isinstance(error, (EmbeddingTrainerError, OSError))
+        result.error = str(error) if known else f"{type(error).__name__}: {error}"
+        result.elapsed_s = time.perf_counter() - started
+        logger.error("%s failed: %s", head, result.error)
+        return result
+    result.status = "stopped" if outcome.stopped else "finished"
+    result.embedding = str(outcome.embedding_path)
+    result.run_dir = str(outcome.run_dir)
+    result.steps = outcome.steps
+    result.final_loss = outcome.final_loss
+    result.held_out_loss = outcome.held_out_loss
+    result.elapsed_s = outcome.elapsed_s
+    if result.status == "finished":
+        record = json.dumps(result.to_dict(), indent=2).encode("utf-8")
+        write_atomically(outcome.run_dir / JOB_RESULT, lambda f: f.write(record), overwrite=True)
+    logger.info("%s %s after %d steps in %s: %s", head, result.status, result.steps, _duration(result.elapsed_s),
+                result.embedding)  # fmt: skip
+    return result
+
+
+def run_jobs(
+    path: Path, defaults: dict[str, Any], default_model: str, summary_path: Path | None, should_stop: Any
+) -> list[JobResult] | None:
+    """Run the job file's jobs on this process (and the others under torchrun). Process 0 returns every job's
+    result (in file order) and writes the summary; the other processes return None."""
+    processes = Processes.from_environment()
+    jobs = load_jobs(path, defaults, default_model)
+    queue = JobQueue(len(jobs), processes)
+    hosts = _Hosts()
+    while not should_stop():
+        index = queue.claim()
+        if index is None:
+            break
+        result = run_job(jobs[index], len(jobs), processes, hosts, should_stop)
+        done = queue.record(index, result.to_dict())
+        logger.info("overall: %d of %d jobs done", done, len(jobs))
+    queue.finish()
+    if not processes.writes_files:
+        return None
+    recorded = queue.results(should_stop)
+    results = [
+        JobResult(**recorded[i]) if i in recorded else JobResult(line=job.line, name=job.label, status="not started")
+        for i, job in enumerate(jobs)
+    ]
+    summary_path = summary_path or path.with_name(path.name + ".summary.json")
+    summary = {"job_file": str(path), "processes": processes.world_size, "counts": _counts(results),
+               "jobs": [r.to_dict() for r in results]}  # fmt: skip
+    text = json.dumps(summary, indent=2).encode("utf-8")
+    write_atomically(summary_path, lambda f: f.write(text), overwrite=True)
+    logger.info("%s\nsummary: %s", format_summary(results), summary_path)
+    return results
+
+
+def format_summary(results: list[JobResult]) -> str:
+    """A table: one row per job, then the counts."""
+    rows = [("line", "name", "status", "steps", "loss", "detail")]
+    for r in results:
+        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else ""
+        detail = r.error.splitlines()[0] if r.error else r.embedding
+        rows.append((str(r.line), r.name, r.status, str(r.steps or ""), loss, detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5] for row in rows]
+    counts = _counts(results)
+    lines.append(f"{len(results)} jobs: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    return "\n".join(lines)
+
+
+def _counts(results: list[JobResult]) -> dict[str, int]:
+    return dict(collections.Counter(r.status for r in results))
