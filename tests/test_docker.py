@@ -131,7 +131,9 @@ def test_the_trainer_image_runs_the_same_torchrun_command(trainer_image, tmp_pat
     shutil.copytree(ROOT / "embedding_trainer/toyworld/weights/base-model", data / "model")
     make_images(data / "images", count=4)
     data.chmod(0o777)  # the image's user (uid 1000) writes here
-    run = docker("run", "--rm", "--network", "none", "-v", f"{data}:/data", "--entrypoint", "torchrun", trainer_image,
+    # The host's network: torchrun's processes reach its store by the container's hostname, which a container on
+    # Docker's default bridge resolves too, but one without a network (--network none; no bridge here) does not.
+    run = docker("run", "--rm", "--network", "host", "-v", f"{data}:/data", "--entrypoint", "torchrun", trainer_image,
                  "--standalone", "--nproc-per-node", "2", "-m", "embedding_trainer", "train", "--model", "/data/model",
                  "--images", "/data/images", "--name", "dock-cat", "--max-steps", "5", "--batch-size", "4",
                  "--output-dir", "/data/out", "--run-dir", "/data/run", "--device", "cpu", timeout=600)  # fmt: skip
