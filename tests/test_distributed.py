@@ -209,7 +209,7 @@ def test_killing_one_process_ends_the_run_with_a_clear_error_and_keeps_what_was_
     code, output = finish(launcher)
     assert code != 0
     assert "lost the other processes" in output, output  # process 0 says what happened
-    assert "Last good embedding" in output
+    assert "Last good embedding" in output and "Continue from the last save" in output
     saved = sorted((tmp_path / "run/saves").glob("*.state.safetensors"))
     assert saved
     last_good = load_embedding(tmp_path / "run/my-cat-last-good.safetensors")

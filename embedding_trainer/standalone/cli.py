@@ -16,13 +16,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import TrainConfig, field_kind
-from ..distributed import Processes
-from ..errors import ConfigError, EmbeddingTrainerError
+from ..errors import ConfigError, EmbeddingTrainerError, TrainingError
 from ..log import logger
 from ..toyworld.world import HELD_OUT_CONCEPTS
+
+if TYPE_CHECKING:  # torch is imported once a command runs, not for --help
+    from ..distributed import Processes
 
 #: Options that are not TrainConfig fields (host-specific or CLI-only).
 _CLI_ONLY = {"model", "config", "command", "quiet", "job_file", "summary"}
@@ -300,7 +302,9 @@ def run_training(
     loads the model and trains its share of each batch; process 0 writes the files and reports progress.
     Returns the ``Trainer`` and its ``TrainResult``.
     """
+    from ..distributed import Processes
     from ..hosts.diffusers_host import DiffusersHost
+    from ..run_state import STATE_SUFFIX
     from ..trainer import (
         COMPUTE_DTYPES,
         Callbacks,
@@ -345,6 +349,12 @@ def run_training(
     with stop:
         try:
             result = trainer.run()
+        except TrainingError as error:
+            saves = sorted((trainer.run_dir / "saves").glob(f"*{STATE_SUFFIX}"))
+            if not saves or not processes.writes_files:
+                raise
+            resume = _resume_command(model, trainer.run_dir, processes)
+            raise TrainingError(f"{error}\nContinue from the last save ({saves[-1].name}) with:\n  {resume}") from error
         finally:
             if bar is not None:
                 bar.end_line()
@@ -413,6 +423,8 @@ EXIT_JOBS_FAILED = 1
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..distributed import Processes
+
     processes = Processes.from_environment()
     if not processes.writes_files:  # process 0 reports; the others only say what goes wrong
         logger.setLevel(logging.WARNING)
@@ -424,6 +436,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
+    from ..distributed import Processes
     from .jobs import run_jobs
 
     processes = Processes.from_environment()
@@ -442,6 +455,8 @@ def _jobs(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
+    from ..distributed import Processes
+
     processes = Processes.from_environment()  # several processes share the terminal: say which one speaks
     prefix = f"[process {processes.rank}] " if processes.distributed else ""
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
