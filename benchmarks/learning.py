@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation", action="store_true", help="also run every step of learning.ABLATION")
     p.add_argument(
         "--method", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
-        help="also run a method of your own: TrainConfig fields over the defaults, e.g. x '{\"batch_size\": 2}'",
+        help="also run a method of your own: TrainConfig fields over the defaults, e.g. x '{\"batch_size\": 2}'; "
+        "\"photo_captions\": true gives the photos captions of their other attributes and appends them to the prompts",
     )  # fmt: skip
     p.add_argument(
         "--concepts", nargs="+", default=list(world.HELD_OUT_CONCEPTS), choices=list(world.HELD_OUT_CONCEPTS)
@@ -87,9 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.runs = [learning.METHODS[name] for name in names]
     for name, fields in args.method:
         try:
-            args.runs.append(learning.Method(name, json.loads(fields), "from --method"))
+            values = json.loads(fields)
         except json.JSONDecodeError as error:
             p.error(f"--method {name}: {fields!r} is not JSON ({error})")
+        captions = bool(values.pop("photo_captions", False))  # the photos' data, not a TrainConfig field
+        args.runs.append(learning.Method(name, values, "from --method", captions=captions))
     if not args.runs:
         p.error("no methods: name some with --methods or give --method NAME JSON")
     return args

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, EmbeddingTrainerError, TrainingError
+from .errors import ConfigError, EmbeddingTrainerError, LostProcessesError, TrainingError
 
 #: Set by torchrun in every process it starts.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -103,17 +103,37 @@ class Processes:
         """This process's rows of a batch of ``count`` (contiguous, sizes differing by at most one)."""
         return slice(count * self.rank // self.world_size, count * (self.rank + 1) // self.world_size)
 
-    def sum_(self, tensor: torch.Tensor) -> None:
+    def sum_(self, tensor: torch.Tensor, what: str) -> None:
         """Sum ``tensor`` over the processes, in place (every process gets the same result)."""
         if self.distributed:
-            self._collective("a step", lambda: dist.all_reduce(tensor))
+            self._collective(what, lambda: dist.all_reduce(tensor))
+
+    def sum_checked(self, tensor: torch.Tensor, error: BaseException | None, what: str) -> torch.Tensor:
+        """Sum ``tensor`` over the processes together with whether ``what`` failed in each, and raise in all of them
+        if it failed in any (the process that failed re-raises its own error), so none is left waiting in the next
+        collective. Returns the sum. One transfer of the flags to the host: a synchronisation on a GPU."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return tensor
+        flags = torch.zeros(self.world_size, device=tensor.device, dtype=torch.float32)
+        flags[self.rank] = 0.0 if error is None else 1.0
+        buffer = torch.cat([tensor.reshape(-1).float(), flags])
+        self.sum_(buffer, what)
+        if error is not None:
+            raise error
+        failed = [rank for rank, flag in enumerate(buffer[-self.world_size :].tolist()) if flag]
+        if failed:
+            raise TrainingError(f"process {failed[0]} failed during {what}; its own error says why")
+        return buffer[: -self.world_size].view_as(tensor)
 
     def check_identical(self, tensors: dict[str, torch.Tensor], what: str) -> None:
         """Raise if ``tensors`` differ between processes in any bit (they must: every process takes the same step)."""
         if not self.distributed:
             return
         for key, tensor in tensors.items():
-            low, high = tensor.detach().clone(), tensor.detach().clone()
+            bits = tensor.detach().contiguous().view(torch.uint8)  # bit patterns: NaN equals NaN, -0 differs from 0
+            low, high = bits.clone(), bits.clone()
             self._collective(what, functools.partial(dist.all_reduce, low, dist.ReduceOp.MIN))
             self._collective(what, functools.partial(dist.all_reduce, high, dist.ReduceOp.MAX))
             if not torch.equal(low, high):
@@ -140,7 +160,7 @@ class Processes:
             raise TrainingError(f"{what} failed in process {rank}: {text}")
 
     def check_same(self, value: str, what: str) -> None:
-        """Raise if ``value`` (a description of inputs) differs between processes."""
+        """Raise if ``value`` (a description of ``what``: inputs) differs between processes."""
         if not self.distributed:
             return
         values: list[Any] = [None] * self.world_size
@@ -158,7 +178,7 @@ class Processes:
             return call()
         except RuntimeError as error:  # gloo/NCCL: a peer closed its connection, timed out or crashed
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise TrainingError(
+            raise LostProcessesError(
                 f"process {self.rank} lost the other processes during {what} ({first}): one of them stopped, "
                 "failed or was killed (its own error, if it printed one, says why)"
             ) from error
@@ -168,10 +188,12 @@ class JobQueue:
     """Job indexes handed out one at a time to whichever process asks next, and the jobs' results collected.
 
     Under torchrun the counter and the results live in torchrun's own TCP store (reached through torch's ``env://``
-    rendezvous); in one process they live here.
+    rendezvous), under keys of this launch and restart; in one process they live here.
     """
 
-    PREFIX = "embtrain-jobs/"
+    #: After a stop, how long process 0 waits for the others to save and report (torchrun kills them 30 s after
+    #: a Ctrl-C).
+    STOP_WAIT_S = 25.0
 
     def __init__(self, count: int, processes: Processes):
         self.count = count
@@ -179,6 +201,8 @@ class JobQueue:
         self._next = 0
         self._results: dict[int, dict[str, Any]] = {}
         self.store: Any = None
+        launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        self.prefix = f"embtrain-jobs/{launch}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         if processes.distributed:
             try:
                 self.store, _, _ = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
@@ -190,31 +214,34 @@ class JobQueue:
         if self.store is None:
             index, self._next = self._next, self._next + 1
         else:
-            index = int(self.store.add(self.PREFIX + "next", 1)) - 1
+            index = int(self.store.add(self.prefix + "next", 1)) - 1
         return index if index < self.count else None
 
-    def record(self, index: int, result: dict[str, Any]) -> int:
-        """Keep a job's result; returns how many jobs have results now (overall progress)."""
+    def record(self, index: int, result: dict[str, Any], final: bool = True) -> int:
+        """Keep a job's result (``final=False``: what to report if its process never records another); returns how
+        many jobs have final results now (overall progress)."""
         if self.store is None:
             self._results[index] = result
-            return len(self._results)
-        self.store.set(f"{self.PREFIX}result/{index}", json.dumps(result))
-        return int(self.store.add(self.PREFIX + "recorded", 1))
-
-    def recorded(self) -> int:
-        return len(self._results) if self.store is None else int(self.store.add(self.PREFIX + "recorded", 0))
+            return sum(1 for r in self._results.values() if r.get("status") != "interrupted")
+        self.store.set(f"{self.prefix}result/{index}", json.dumps(result))
+        return int(self.store.add(self.prefix + "recorded", 1 if final else 0))
 
     def finish(self) -> None:
         """This process takes no more jobs."""
         if self.store is not None:
-            self.store.add(self.PREFIX + "finished", 1)
+            self.store.add(self.prefix + "finished", 1)
 
     def results(self, should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.5) -> dict[int, dict]:
         """Process 0, after :meth:`finish`: every job's result once every process has finished (polling the store,
-        which has no time limit for a long job elsewhere); on a stop, what has come in so far."""
+        which has no time limit for a long job elsewhere); after a stop, at most ``STOP_WAIT_S`` more."""
         if self.store is None:
             return dict(self._results)
-        while int(self.store.add(self.PREFIX + "finished", 0)) < self.processes.world_size and not should_stop():
+        stopped_at: float | None = None
+        while int(self.store.add(self.prefix + "finished", 0)) < self.processes.world_size:
+            if stopped_at is None and should_stop():
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > self.STOP_WAIT_S:
+                break
             time.sleep(poll_s)
-        keys = [f"{self.PREFIX}result/{index}" for index in range(self.count)]
+        keys = [f"{self.prefix}result/{index}" for index in range(self.count)]
         return {index: json.loads(self.store.get(key)) for index, key in enumerate(keys) if self.store.check([key])}

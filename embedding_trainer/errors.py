@@ -36,5 +36,9 @@ class TrainingError(EmbeddingTrainerError):
     """The run stopped because training cannot go on (NaN loss, no gradient, host failure)."""
 
 
+class LostProcessesError(TrainingError):
+    """A data-parallel run lost one of its other processes (it failed, was killed or its connection broke)."""
+
+
 class HostError(EmbeddingTrainerError):
     """The model given to the trainer is not one it supports, or the host refused an operation."""

@@ -7,7 +7,6 @@ save therefore only needs the vectors, the optimiser state, the grad-scaler stat
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import csv
@@ -304,9 +303,9 @@ class Trainer:
         self.chosen_start = 0
         self._other_starts_steps = 0  # steps the starts not chosen trained (for the speed and the ETA)
         self.resume_state: dict[str, torch.Tensor] | None = None
-        # Data-parallel: this process has been asked to stop; the last two steps' summed stop votes.
-        self._stop_vote = False
-        self._stop_votes: collections.deque[torch.Tensor] = collections.deque(maxlen=2)
+        # Data-parallel: this process has been asked to stop; what the processes decided at the last step.
+        self._stop_vote = self._stop_agreed = self._report_agreed = False
+        self._last_report = 0.0  # when the last report was made (time.perf_counter)
         # lr_scale table: each encoder's rate is scaled by its table's typical coordinate, SD1's being 1x.
         self.lr_factors = {
             e.key: table_scale(host, e.key) / SD1_TABLE_SCALE if config.lr_scale == "table" else 1.0
@@ -604,9 +603,13 @@ class Trainer:
 
     @torch.no_grad()
     def _held_out_loss(self, leaves: dict[str, torch.Tensor], batches: int, seed: int) -> float:
-        total = sum(self._loss(i, leaves, seed).detach().float() for i in range(batches))
-        assert isinstance(total, torch.Tensor)  # batches >= 1
-        self.processes.sum_(total)  # data-parallel: the shares add up to the batches' losses
+        total, error = torch.zeros((), device=self.device), None
+        try:
+            for index in range(batches):
+                total = total + self._loss(index, leaves, seed).detach().float()
+        except Exception as failure:  # noqa: BLE001 - raised again by sum_checked, in every process
+            error = failure
+        total = self.processes.sum_checked(total, error, "an evaluation")  # data-parallel: the shares add up
         return float(total) / batches  # one transfer per evaluation
 
     def _check_first_gradients(self, leaves: dict[str, torch.Tensor]) -> bool:
@@ -649,16 +652,14 @@ class Trainer:
         """
         c = self.config
         optimizer.zero_grad(set_to_none=True)
-        total: torch.Tensor | None = None
-        for micro in range(c.grad_accum):
-            loss = self._loss(step * c.grad_accum + micro, leaves, seed)
-            if not loss.requires_grad:
-                raise TrainingError(_no_gradient_message(", ".join(leaves)))
-            scaled = loss / c.grad_accum
-            total = scaled.detach() if total is None else total + scaled.detach()
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        if self.processes.distributed:
-            total = self._sum_over_processes(leaves, total)
+        if not self.processes.distributed:
+            total = self._accumulate_gradients(step, leaves, seed)
+        else:  # every process learns whether the step failed anywhere (see Processes.sum_checked)
+            try:
+                total, error = self._accumulate_gradients(step, leaves, seed), None
+            except Exception as failure:  # noqa: BLE001 - raised again below, in every process
+                total, error = torch.zeros((), device=self.device), failure
+            total = self._sum_over_processes(step, leaves, total, error)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clipping and the gradient check see true gradients
         if not self._gradients_checked:
@@ -674,35 +675,65 @@ class Trainer:
         else:
             optimizer.step()
         self._project_norms(leaves)
-        assert total is not None  # grad_accum >= 1
         return total
 
-    def _sum_over_processes(self, leaves: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
-        """Data-parallel: one all-reduce per step sums every process's (still scaled) gradients, loss share and
-        stop vote; returns the step's loss. Every process then holds the same gradients and takes the same step."""
+    def _accumulate_gradients(
+        self, step: int, leaves: dict[str, torch.Tensor], seed: int | None
+    ) -> torch.Tensor:
+        """Forward and backward over the step's ``grad_accum`` micro-batches (this process's share of each);
+        returns the step's mean loss (this process's share of it), a 0-d tensor on the device."""
+        c = self.config
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accum):
+            loss = self._loss(step * c.grad_accum + micro, leaves, seed)
+            if not loss.requires_grad:
+                raise TrainingError(_no_gradient_message(", ".join(leaves)))
+            scaled = loss / c.grad_accum
+            total = total + scaled.detach().float()
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         for key, leaf in leaves.items():
-            if leaf.grad is None:  # before the collective: every process raises, none waits
+            if leaf.grad is None:
                 raise TrainingError(_no_gradient_message(key))
-        grads = [leaf.grad for leaf in leaves.values()]
-        vote = torch.tensor([1.0 if self._stop_vote else 0.0], device=total.device)
-        buffer = torch.cat([*(g.reshape(-1).float() for g in grads), total.float().reshape(1), vote])
-        self.processes.sum_(buffer)
+        return total
+
+    def _sum_over_processes(
+        self, step: int, leaves: dict[str, torch.Tensor], total: torch.Tensor, error: BaseException | None
+    ) -> torch.Tensor:
+        """Data-parallel: one all-reduce per step sums every process's (still scaled) gradients and loss share, the
+        stop votes, process 0's wish to report, and whether the step failed anywhere (then every process raises);
+        returns the step's loss. Every process then holds the same gradients, takes the same step and makes the
+        same decisions. Reading the flags waits for the step (on a GPU, one synchronisation per step)."""
+        grads = [leaf.grad if leaf.grad is not None and error is None else None for leaf in leaves.values()]
+        parts = [g.reshape(-1).float() if g is not None else torch.zeros(leaf.numel(), device=self.device)
+                 for g, leaf in zip(grads, leaves.values())]  # fmt: skip
+        report = self.processes.writes_files and time.perf_counter() - self._last_report >= REPORT_INTERVAL_S
+        votes = torch.tensor([float(self._stop_vote), float(report)], device=self.device)
+        buffer = torch.cat([*parts, total.float().reshape(1), votes])
+        buffer = self.processes.sum_checked(buffer, error, f"step {step + 1}")
         offset = 0
         for grad in grads:
+            assert grad is not None  # the step failed nowhere
             grad.copy_(buffer[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
-        self._stop_votes.append(buffer[-1].clone())
-        return buffer[-2]
+        stop, report = buffer[-2:].tolist()
+        self._stop_agreed, self._report_agreed = stop > 0, report > 0
+        return buffer[-3].clone()
 
     def _stop_asked(self) -> bool:
-        """Whether to stop before the next step. Data-parallel: this process votes (its vote travels with the next
-        step's all-reduce) and every process stops on the votes summed two steps back, so all stop after the same
-        step (two, not one: reading a GPU's newest sum would wait for its step and leave the GPU idle)."""
+        """Whether to stop before the next step. Data-parallel: this process's vote travels with the next step's
+        all-reduce, and every process stops once the summed votes of a step say so: all after the same step."""
         asked = bool(self.callbacks.should_stop and self.callbacks.should_stop())
         if not self.processes.distributed:
             return asked
         self._stop_vote = self._stop_vote or asked
-        return len(self._stop_votes) == 2 and float(self._stop_votes[0]) > 0
+        return self._stop_agreed
+
+    def _report_due(self, now: float) -> bool:
+        """Time for a report (``REPORT_INTERVAL_S``); data-parallel: when process 0's clock said so at the last step,
+        so every process reports (and checks for NaN) at the same steps."""
+        if self.processes.distributed:
+            return self._report_agreed
+        return now - self._last_report >= REPORT_INTERVAL_S
 
     @torch.no_grad()
     def _project_norms(self, leaves: dict[str, torch.Tensor]) -> None:
@@ -985,7 +1016,7 @@ class Trainer:
                 self.initial_vectors = {k: v.detach().cpu().clone() for k, v in leaves.items()}
                 if c.eval_every and step == 0:
                     self._evaluate(0, leaves)  # the baseline the chart and the best-vectors choice start from
-                loop_start = last_report = time.perf_counter()
+                loop_start = self._last_report = time.perf_counter()
                 if c.starts > 1 and step == 0:
                     step, stopped = self._train_starts(leaves, optimizer, log, loop_start)
                 self._status("training")
@@ -1000,9 +1031,9 @@ class Trainer:
                     tuner.after_step()
                     saving = bool(c.save_every and step % c.save_every == 0 and step < c.max_steps)
                     evaluating = bool(c.eval_every and (step % c.eval_every == 0 or step == c.max_steps))
-                    if saving or evaluating or step == c.max_steps or now - last_report >= REPORT_INTERVAL_S:
+                    if saving or evaluating or step == c.max_steps or self._report_due(now):
                         self._report(pending, leaves, log)  # an evaluation's score comes after its step's loss
-                        last_report = now
+                        self._last_report = now
                     if evaluating:
                         self._evaluate(step, leaves)
                     if self.callbacks.on_step:
@@ -1079,7 +1110,7 @@ class Trainer:
         if not self.processes.writes_files:
             where = f"\n(process 0 keeps the files; this is process {self.processes.rank})"
         if isinstance(error, TrainingError):
-            return TrainingError(f"{error}{where}")
+            return type(error)(f"{error}{where}")  # LostProcessesError stays one
         if _is_out_of_memory(error):
             c = self.config
             return TrainingError(

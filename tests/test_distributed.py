@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,45 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, t
     assert_close(vectors(one / "out/my-cat.safetensors"), vectors(half / "out/my-cat.safetensors"))
 
 
+def test_two_processes_match_one_with_buckets_random_crops_and_masks(tmp_path: Path, tiny_model_dirs):
+    """Aspect buckets (a short last batch leaves one process without rows), random crops (images encoded every
+    step, each process only its rows) and alpha masks."""
+    from PIL import Image
+
+    images = tmp_path / "mixed"
+    make_images(images, count=3, size=(96, 64), seed=1)
+    make_images(tmp_path / "tall", count=2, size=(64, 96), seed=2)
+    for i, path in enumerate(sorted((tmp_path / "tall").glob("*.png"))):
+        picture = Image.open(path).convert("RGBA")
+        picture.putalpha(Image.new("L", picture.size, 255 if i else 96))  # one image partly transparent
+        picture.save(images / f"tall-{i}.png")
+    model = tiny_model_dirs("sd1")
+    options = ("--max-steps", "3", "--batch-size", "2", "--buckets", "--crop", "random", "--use-alpha-mask",
+               "--flip", "--eval-every", "0")  # fmt: skip
+    assert main(run_args(model, images, tmp_path / "one", *options)) == 0
+    code, output = finish(torchrun(*run_args(model, images, tmp_path / "two", *options), cwd=tmp_path))
+    assert code == 0, output
+    assert_close(vectors(tmp_path / "one/out/my-cat.safetensors"), vectors(tmp_path / "two/out/my-cat.safetensors"))
+
+
+def test_an_error_in_one_process_ends_every_process_with_its_reason(tmp_path: Path, tiny_model_dirs):
+    """One image's caption is too long for the trigger's vectors: whichever process draws it fails, and the other
+    says which process failed instead of waiting for it."""
+    images = tmp_path / "images"
+    make_images(images, count=4)
+    (images / "02.txt").write_text(" ".join(["square"] * 90), encoding="utf-8")
+    template = tmp_path / "template.txt"
+    template.write_text("[filewords], a photo of [name]\n", encoding="utf-8")
+    model = tiny_model_dirs("sd1")
+    launcher = torchrun(*run_args(model, images, tmp_path, "--max-steps", "20", "--batch-size", "2", "--eval-every",
+                                  "0", "--template", str(template)), cwd=tmp_path)  # fmt: skip
+    code, output = finish(launcher)
+    assert code != 0
+    assert "is too long" in output, output  # the process that drew the image: the reason
+    assert re.search(r"process [01] failed during step \d+; its own error says why", output), output
+    assert "lost the other processes" not in output  # it did not have to notice a dead peer
+
+
 def test_a_stop_asked_of_one_process_stops_both_after_the_same_step(tmp_path: Path, tiny_model_dirs, images: Path):
     model = tiny_model_dirs("sd1")
     launcher = torchrun(*run_args(model, images, tmp_path, "--max-steps", "5000", "--batch-size", "2"), cwd=tmp_path)
@@ -189,8 +229,9 @@ def test_a_stop_asked_of_one_process_stops_both_after_the_same_step(tmp_path: Pa
     os.kill(worker, signal.SIGTERM)  # what torchrun sends when another process fails; Ctrl-C votes the same way
     code, output = finish(launcher)
     assert code != 0  # a stopped run did not finish (exit 130), and torchrun says so
-    assert "stopping after this step and saving" in output
-    assert "stopped at step" in output and "torchrun --nproc-per-node 2 -m embedding_trainer train" in output
+    assert "[process 0] stopped at step" in output  # process 1 was asked; process 0 reports
+    assert "torchrun --standalone --nproc-per-node 2 -m embedding_trainer train" in output
+    assert "[process 1]" not in output  # the processes that only compute stay quiet
     state = find_state(tmp_path / "run")
     step = int(load_state(state)[1]["step"])
     assert 3 <= step < 5000
@@ -288,3 +329,57 @@ def _descendants(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     found = [int(child) for child in children.read_text().split()] if children.exists() else []
     return found + [grandchild for child in found for grandchild in _descendants(child)]
+
+
+def test_a_stopped_job_file_keeps_every_job_and_goes_on_where_it_stopped(
+    tmp_path: Path, tiny_model_dirs, images: Path, monkeypatch
+):
+    """Ctrl-C to torchrun stops the running jobs with a save; the summary says so; the same command again resumes
+    them; a finished job whose settings changed is refused (its file would be replaced) until its line says
+    overwrite."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model_dirs("sd1")
+    jobs = [{"name": f"cat-{x}", "images": str(images), "max_steps": 5000} for x in "ab"]
+    jobs.append({"name": "cat-c", "images": str(images), "max_steps": 5000})
+    job_file = tmp_path / "jobs.jsonl"
+    job_file.write_text("\n".join(json.dumps(job) for job in jobs), encoding="utf-8")
+    defaults = ("--model", str(model), "--resolution", "64", "--device", "cpu", "--save-every", "10",
+                "--output-dir", "out")  # fmt: skip
+    launcher = torchrun("jobs", str(job_file), *defaults, cwd=tmp_path)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    logs = [tmp_path / f"runs/cat-{x}/loss.csv" for x in "ab"]
+    while not all(log.is_file() and len(log.read_text().splitlines()) > 15 for log in logs):
+        assert launcher.poll() is None and time.monotonic() < deadline, finish(launcher)[1]
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGINT)  # torchrun passes it on to every process
+    code, output = finish(launcher)
+    assert code != 0
+    summary = json.loads((tmp_path / "jobs.jsonl.summary.json").read_text())
+    status = {job["name"]: job["status"] for job in summary["jobs"]}
+    assert status == {"cat-a": "stopped", "cat-b": "stopped", "cat-c": "not started"}, output
+    steps = {job["name"]: job["steps"] for job in summary["jobs"]}
+
+    # The same command, with fewer steps so it ends soon: the stopped jobs resume, the third starts.
+    for job in jobs:
+        job["max_steps"] = steps[job["name"]] + 2 if steps[job["name"]] else 3
+    job_file.write_text("\n".join(json.dumps(job) for job in jobs), encoding="utf-8")
+    assert main(["jobs", str(job_file), *defaults]) == 0
+    summary = json.loads((tmp_path / "jobs.jsonl.summary.json").read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["finished"] * 3
+    assert [job["steps"] for job in summary["jobs"]] == [job["max_steps"] for job in jobs]
+    for name in ("cat-a", "cat-b"):  # resumed, not started over: their loss logs go on from the stop
+        rows = (tmp_path / f"runs/{name}/loss.csv").read_text().splitlines()[1:]
+        assert [int(row.split(",")[0]) for row in rows] == list(range(1, steps[name] + 3))
+
+    # A finished job with other settings: refused, named, until its line says overwrite.
+    jobs[2]["num_vectors"] = 2
+    job_file.write_text("\n".join(json.dumps(job) for job in jobs), encoding="utf-8")
+    assert main(["jobs", str(job_file), *defaults]) == 1
+    summary = json.loads((tmp_path / "jobs.jsonl.summary.json").read_text())
+    assert [job["status"] for job in summary["jobs"]] == ["skipped", "skipped", "failed"]
+    assert "finished earlier with other settings (num_vectors)" in summary["jobs"][2]["error"]
+    assert '"overwrite": true' in summary["jobs"][2]["error"]
+    jobs[2]["overwrite"] = True
+    job_file.write_text("\n".join(json.dumps(job) for job in jobs), encoding="utf-8")
+    assert main(["jobs", str(job_file), *defaults]) == 0
+    assert next(iter(load_embedding(tmp_path / "out/cat-c.safetensors").vectors.values())).shape[0] == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import TrainConfig, field_kind
-from ..errors import ConfigError, EmbeddingTrainerError, TrainingError
+from ..errors import ConfigError, EmbeddingTrainerError, LostProcessesError
 from ..log import logger
 from ..toyworld.world import HELD_OUT_CONCEPTS
 
@@ -281,15 +281,19 @@ class StopSignals:
                 raise KeyboardInterrupt
             return
         self.asked = True
-        again = "" if self.processes.distributed else " (Ctrl-C again to abort)"
-        logger.warning("\nstopping after this step and saving%s", again)
+        if self.processes.distributed:
+            if self.processes.writes_files:
+                logger.warning("stopping: every process stops after the same step and process 0 saves")
+        else:
+            logger.warning("\nstopping after this step and saving (Ctrl-C again to abort)")
 
 
 def _resume_command(model: str, run_dir: Path, processes: Processes) -> str:
     launcher = ["python", "-m"]
     if processes.distributed:  # torchrun again (several nodes: with the same node options as before)
         per_node = os.environ.get("LOCAL_WORLD_SIZE", str(processes.world_size))
-        launcher = ["torchrun", "--nproc-per-node", per_node, "-m"]
+        one_node = ["--standalone"] if per_node == str(processes.world_size) else []
+        launcher = ["torchrun", *one_node, "--nproc-per-node", per_node, "-m"]
     return shlex.join([*launcher, "embedding_trainer", "train", "--model", model, "--resume", str(run_dir)])
 
 
@@ -338,7 +342,7 @@ def run_training(
         logger.info("loading %s on %s (%s)%s", model, device, precision, where)
         host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
         trainer = Trainer(config, host, callbacks, processes)
-    except (EmbeddingTrainerError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - every process must hear of it (agree raises it again)
         problem = error
     processes.agree(problem, "setting up the run")  # a process that failed raises; the others name it
     assert trainer is not None
@@ -349,12 +353,14 @@ def run_training(
     with stop:
         try:
             result = trainer.run()
-        except TrainingError as error:
+        except LostProcessesError as error:  # nothing in the run itself went wrong: its saves can go on
             saves = sorted((trainer.run_dir / "saves").glob(f"*{STATE_SUFFIX}"))
             if not saves or not processes.writes_files:
                 raise
             resume = _resume_command(model, trainer.run_dir, processes)
-            raise TrainingError(f"{error}\nContinue from the last save ({saves[-1].name}) with:\n  {resume}") from error
+            raise LostProcessesError(
+                f"{error}\nContinue from the last save ({saves[-1].name}) with:\n  {resume}"
+            ) from error
         finally:
             if bar is not None:
                 bar.end_line()
@@ -388,9 +394,9 @@ def run_training(
             "the file holds step %d's vectors (%s): held-out loss %.4f", result.vectors_step, which,
             result.held_out_loss,
         )  # fmt: skip
-    if trainer.warnings:
+    if trainer.warnings and processes.writes_files:
         logger.warning("%d warning(s):%s", len(trainer.warnings), "".join(f"\n  {w}" for w in trainer.warnings))
-    if result.stopped:
+    if result.stopped and processes.writes_files:
         command = _resume_command(model, result.run_dir, processes)
         logger.warning("stopped at step %d; continue with:\n  %s", result.steps, command)
     return trainer, result
@@ -443,6 +449,8 @@ def _jobs(args: argparse.Namespace) -> int:
     with StopSignals(processes) as stop:
         defaults = config_values(args)
         TrainConfig.from_dict(defaults)  # the flags themselves must be valid before any job runs
+        if defaults.get("resume"):
+            raise ConfigError("resume", "is not an option for every job; a job file resumes stopped jobs by itself")
         summary = Path(args.summary) if args.summary else None
         results = run_jobs(Path(args.job_file), defaults, args.model, summary, lambda: stop.asked)
     if results is None:  # not process 0: its jobs are in process 0's summary

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,9 @@ class Job:
 class JobResult:
     line: int
     name: str
-    status: str  # finished, stopped, failed, skipped (finished earlier), not started (the command was stopped)
+    #: finished, stopped, failed, skipped (finished earlier), not started (the command was stopped first),
+    #: interrupted (its process ended without reporting: killed)
+    status: str
     process: int | None = None
     embedding: str = ""
     run_dir: str = ""
@@ -68,7 +71,7 @@ def load_jobs(path: Path, defaults: dict[str, Any], default_model: str) -> list[
         raise ConfigError("jobs", f"{path}: no such file; give a JSON Lines file with one object per embedding")
     jobs: list[Job] = []
     claimed: dict[Path, int] = {}  # output files and run folders, by the line that writes them
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         text = text.strip()
         if not text or text.startswith("#"):
             continue
@@ -130,14 +133,42 @@ class _Hosts:
         return self.host
 
 
-def _finished_earlier(config: TrainConfig) -> dict[str, Any] | None:
-    marker = Path(config.effective_run_dir) / JOB_RESULT
+#: Fields a job may change between runs without it being another job (where it runs, and how it treats its files).
+_NOT_THE_JOB = frozenset({"device", "overwrite", "resume"})
+
+
+def _settings(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_THE_JOB}
+
+
+def _previous_result(config: TrainConfig) -> dict[str, Any] | None:
+    """What the job's run folder says its last run did (``JOB_RESULT``), or None (none, or not readable)."""
     try:
-        previous = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        previous = json.loads((Path(config.effective_run_dir) / JOB_RESULT).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    embedding = Path(previous.get("embedding", ""))
-    return previous if previous.get("status") == "finished" and embedding.is_file() else None
+    return previous if isinstance(previous, dict) and isinstance(previous.get("settings"), dict) else None
+
+
+def _plan(config: TrainConfig, head: str) -> tuple[TrainConfig | None, str]:
+    """How to run a job again: ``(None, why)`` when it finished earlier with these settings (skip it); else the
+    config to run (resuming from the run folder's last save when there is one) and what that is."""
+    if config.overwrite:
+        return config, "starting over (overwrite)"
+    previous = _previous_result(config)
+    if previous is not None and previous.get("status") == "finished" and Path(previous.get("embedding", "")).is_file():
+        if previous["settings"] == _settings(config):
+            return None, f"finished earlier: {previous['embedding']}"
+        changed = sorted(k for k, v in _settings(config).items() if previous["settings"].get(k) != v)
+        raise ConfigError(
+            changed[0] if changed else "jobs",
+            f"{head} finished earlier with other settings ({', '.join(changed)}); add \"overwrite\": true to its "
+            "line to train it again",
+        )
+    saves = Path(config.effective_run_dir) / "saves"
+    if not config.resume and saves.is_dir() and any(saves.glob(f"*{STATE_SUFFIX}")):
+        return config.replace(resume=config.effective_run_dir), f"resuming from its last save in {saves}"
+    return config, "starting"
 
 
 def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_stop: Any) -> JobResult:
@@ -149,48 +180,64 @@ def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_st
     result = JobResult(line=job.line, name=job.label, status="failed", process=processes.rank)
     if job.config is None:
         result.error = job.error
+        logger.error("%s cannot run: %s", head, result.error)
         return result
-    config = job.config
-    result.run_dir = config.effective_run_dir
-    previous = _finished_earlier(config)
-    if previous is not None:
-        logger.info("%s: finished earlier (%s), skipped", head, previous["embedding"])
-        result = JobResult(**{**previous, "status": "skipped", "process": processes.rank})
-        return result
-    saves = Path(config.effective_run_dir) / "saves"
-    if not config.resume and saves.is_dir() and any(saves.glob(f"*{STATE_SUFFIX}")):
-        logger.info("%s: resuming from its last save in %s", head, saves)
-        config = config.replace(resume=config.effective_run_dir)
+    result.run_dir = job.config.effective_run_dir
     started = time.perf_counter()
+    bar = ProgressBar(label=f"{head}:", interactive=False if processes.distributed else None)
     try:
+        config, what = _plan(job.config, head)
+        if config is None:
+            logger.info("%s: %s, skipped", head, what)
+            result.status, result.embedding = "skipped", what.split(": ", 1)[1]
+            return result
         device = resolve_device(processes.device(config.device))
         precision = resolve_precision(config.precision, device)
         host = hosts.get(job.model, device, precision)
-        bar = ProgressBar(label=f"{head}:", interactive=False if processes.distributed else None)
+        if should_stop():  # asked while the model loaded
+            result.status = "not started"
+            return result
+        logger.info("%s of %d: %s", head, count, what)
         callbacks = Callbacks(on_progress=bar, should_stop=should_stop, on_warning=result.warnings.append)
-        trainer = Trainer(config, host, callbacks)
-        logger.info("%s of %d on %s:\n%s", head, count, device, trainer.describe())
+        try:
+            trainer = Trainer(config, host, callbacks)
+        except ConfigError as error:
+            if not config.resume or job.config.resume:
+                raise
+            raise ConfigError(error.field, f"{error}; to start this job over instead, add \"overwrite\": true to "
+                              "its line") from error  # fmt: skip
+        logger.info("%s on %s:\n%s", head, device, trainer.describe())
         outcome = trainer.run()
-        bar.end_line()
+        result.status = "stopped" if outcome.stopped else "finished"
+        result.embedding = str(outcome.embedding_path)
+        result.run_dir = str(outcome.run_dir)
+        result.steps = outcome.steps
+        result.final_loss = outcome.final_loss if math.isfinite(outcome.final_loss) else None
+        result.held_out_loss = outcome.held_out_loss
+        logger.info("%s %s after %d steps in %s: %s", head, result.status, result.steps,
+                    _duration(time.perf_counter() - started), result.embedding)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a failed job is recorded and the others go on
         known = isinstance(error, (EmbeddingTrainerError, OSError))
+        result.status = "failed"
         result.error = str(error) if known else f"{type(error).__name__}: {error}"
-        result.elapsed_s = time.perf_counter() - started
         logger.error("%s failed: %s", head, result.error)
-        return result
-    result.status = "stopped" if outcome.stopped else "finished"
-    result.embedding = str(outcome.embedding_path)
-    result.run_dir = str(outcome.run_dir)
-    result.steps = outcome.steps
-    result.final_loss = outcome.final_loss
-    result.held_out_loss = outcome.held_out_loss
-    result.elapsed_s = outcome.elapsed_s
-    if result.status == "finished":
-        record = json.dumps(result.to_dict(), indent=2).encode("utf-8")
-        write_atomically(outcome.run_dir / JOB_RESULT, lambda f: f.write(record), overwrite=True)
-    logger.info("%s %s after %d steps in %s: %s", head, result.status, result.steps, _duration(result.elapsed_s),
-                result.embedding)  # fmt: skip
+    finally:
+        bar.end_line()
+        result.elapsed_s = time.perf_counter() - started
+    _keep_result(result, job.config)
     return result
+
+
+def _keep_result(result: JobResult, config: TrainConfig) -> None:
+    """``JOB_RESULT`` in the job's run folder (when there is one), for the next run of the job file."""
+    folder = Path(config.effective_run_dir)
+    if not folder.is_dir():
+        return
+    record = json.dumps({**result.to_dict(), "settings": _settings(config)}, indent=2).encode("utf-8")
+    try:
+        write_atomically(folder / JOB_RESULT, lambda f: f.write(record), overwrite=True)
+    except OSError as error:
+        logger.warning("could not record the result of %s in %s: %s", result.name, folder, error)
 
 
 def run_jobs(
@@ -206,6 +253,8 @@ def run_jobs(
         index = queue.claim()
         if index is None:
             break
+        queue.record(index, JobResult(jobs[index].line, jobs[index].label, "interrupted", processes.rank).to_dict(),
+                     final=False)  # fmt: skip
         result = run_job(jobs[index], len(jobs), processes, hosts, should_stop)
         done = queue.record(index, result.to_dict())
         logger.info("overall: %d of %d jobs done", done, len(jobs))
@@ -217,12 +266,13 @@ def run_jobs(
         JobResult(**recorded[i]) if i in recorded else JobResult(line=job.line, name=job.label, status="not started")
         for i, job in enumerate(jobs)
     ]
+    logger.info("%s", format_summary(results))
     summary_path = summary_path or path.with_name(path.name + ".summary.json")
     summary = {"job_file": str(path), "processes": processes.world_size, "counts": _counts(results),
                "jobs": [r.to_dict() for r in results]}  # fmt: skip
     text = json.dumps(summary, indent=2).encode("utf-8")
     write_atomically(summary_path, lambda f: f.write(text), overwrite=True)
-    logger.info("%s\nsummary: %s", format_summary(results), summary_path)
+    logger.info("summary: %s", summary_path)
     return results
 
 

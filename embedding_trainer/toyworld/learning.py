@@ -63,6 +63,9 @@ class Method:
     name: str
     fields: dict[str, Any]
     description: str
+    #: The photos come with captions naming their other attributes (never the concept's), and the prompts append
+    #: them (``[filewords]``): what a user who captions the photos, or an auto-captioner, gives the trainer.
+    captions: bool = False
 
 
 #: Our defaults: whatever ``TrainConfig`` defaults to (so the benchmark follows them when they change).
@@ -152,11 +155,25 @@ class TrainedSnapshots:
     config: TrainConfig
 
 
-def concept_template(concept: world.HeldOutConcept, folder: Path) -> Path:
-    path = folder / f"template-{concept.kind}.txt"
+def concept_template(concept: world.HeldOutConcept, folder: Path, captions: bool = False) -> Path:
+    path = folder / f"template-{concept.kind}{'-filewords' if captions else ''}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(TEMPLATES[concept.kind]) + "\n", encoding="utf-8")
+    lines = [f"{line}, [filewords]" if captions else line for line in TEMPLATES[concept.kind]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def photo_caption(scene: world.Scene, concept: world.HeldOutConcept) -> str:
+    """A caption of a user photo naming its attributes other than the concept's: "red, striped, white background"."""
+    free = [a for a in ("size", "colour", "texture", "shape", "background") if a not in concept.attributes]
+    words = {
+        "size": world.SIZE_WORDS[scene.size][0] if scene.size != "medium" else "",
+        "colour": world.COLOUR_WORDS[scene.colour][0],
+        "texture": world.TEXTURE_ADJECTIVES[scene.texture][-1],
+        "shape": world.SHAPE_WORDS[scene.shape],
+        "background": f"{world.BACKGROUND_WORDS[scene.background][0]} background",
+    }
+    return ", ".join(words[a] for a in free if words[a])
 
 
 @contextlib.contextmanager
@@ -198,13 +215,18 @@ def photo_main_values(concept: world.HeldOutConcept, photos: int, seed: int) -> 
     return main
 
 
-def write_user_photos(concept: world.HeldOutConcept, folder: Path, count: int = 4, seed: int = 0) -> list[Path]:
-    """The concept's user photos as PNG files (no captions: the templates carry the prompts)."""
+def write_user_photos(
+    concept: world.HeldOutConcept, folder: Path, count: int = 4, seed: int = 0, captions: bool = False
+) -> list[Path]:
+    """The concept's user photos as PNG files; with ``captions`` each gets a caption file (``photo_caption``),
+    else none (the templates carry the prompts)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, image in enumerate(world.user_photos(concept, count, seed)):
+    for i, scene in enumerate(world.user_photo_scenes(concept, count, seed)):
         path = folder / f"photo-{i:02d}.png"  # a neutral name: captions from file names must not name the concept
-        image.save(path)
+        world.render(scene).save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(photo_caption(scene, concept), encoding="utf-8")
         paths.append(path)
     return paths
 
@@ -224,11 +246,11 @@ def train_concept(
     vectors) keep the vectors a run with that ``max_steps`` would have written: with ``final_vectors best``, those of
     the best-scored evaluation up to there (step 0 excluded), and never past an early stop."""
     images = work / "photos"
-    write_user_photos(concept, images, photos, seed)
+    write_user_photos(concept, images, photos, seed, captions=method.captions)
     fields = {
         "name": TRIGGER,
         "images": str(images),
-        "template": str(concept_template(concept, work)),
+        "template": str(concept_template(concept, work, captions=method.captions)),
         "resolution": world.IMAGE_SIZE,
         "max_steps": max(budgets),
         "seed": seed,
