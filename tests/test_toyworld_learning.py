@@ -92,3 +92,23 @@ def test_the_training_templates_never_name_a_held_out_concept() -> None:
         for template in templates:
             assert "[name]" in template
             assert not [w for w in world.caption_words(template) if w.startswith(stems)], template
+
+
+def test_captioned_photos_name_their_other_attributes_and_never_the_concept(tmp_path) -> None:
+    stems = world.forbidden_stems()
+    for name, concept in world.HELD_OUT_CONCEPTS.items():
+        paths = learning.write_user_photos(concept, tmp_path / name, count=4, seed=1, captions=True)
+        scenes = world.user_photo_scenes(concept, 4, 1)
+        for path, scene in zip(paths, scenes):
+            words = world.caption_words(path.with_suffix(".txt").read_text(encoding="utf-8"))
+            assert words and not [w for w in words if w.startswith(stems)], (name, words)
+            for attribute in ("colour", "texture", "shape"):  # each attribute the concept leaves free is named
+                if attribute not in concept.attributes:
+                    table = {"colour": world.COLOUR_WORDS, "texture": world.TEXTURE_ADJECTIVES,
+                             "shape": world.SHAPE_WORDS}[attribute]  # fmt: skip
+                    value = table[getattr(scene, attribute)]
+                    assert (value if isinstance(value, str) else value[-1]) in words, (name, attribute, words)
+        template = learning.concept_template(concept, tmp_path, captions=True).read_text(encoding="utf-8")
+        assert all(line.endswith(", [filewords]") for line in template.splitlines())
+    plain = learning.write_user_photos(world.HELD_OUT_CONCEPTS["heart"], tmp_path / "plain", count=2)
+    assert plain and not list((tmp_path / "plain").glob("*.txt"))  # no captions unless asked

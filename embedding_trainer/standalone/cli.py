@@ -347,7 +347,8 @@ def run_training(
     processes.agree(problem, "setting up the run")  # a process that failed raises; the others name it
     assert trainer is not None
     processes.check_same(
-        json.dumps([[str(r.path), r.size] for r in trainer.scan.records]) + config.to_json(), "training images"
+        json.dumps([[str(r.path), r.size] for r in trainer.scan.records]) + config.to_json(),
+        "training images or settings",
     )
     logger.info("%s", trainer.describe())
     with stop:
