@@ -120,7 +120,10 @@ def test_train_lists_the_runs_warnings_in_its_header_and_at_the_end(
     err = capsys.readouterr().err
     header, _, end = err.partition("finished after 3 steps")
     assert "warning:   skipped " in header and "broken.png" in header
-    assert "1 warning(s):\n  skipped " in end and "broken.png" in end
+    assert "2 warning(s):\n  skipped " in end and "broken.png" in end
+    # The images have captions the default template does not use: said, with the fix.
+    assert "4 of the 4 images have caption files, but template 'subject' has no [filewords]" in end
+    assert "subject_filewords" in end
 
 
 def test_train_writes_the_embedding_then_refuses_to_overwrite_it(

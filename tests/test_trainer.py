@@ -443,3 +443,13 @@ def test_the_held_out_score_comes_every_eval_every_steps_and_at_the_end_and_goes
         load_embedding(plain.embedding_path).vectors["vec"], load_embedding(result.embedding_path).vectors["vec"]
     )
     assert "held_out_loss" not in load_embedding(plain.embedding_path).metadata
+
+
+def test_caption_files_a_template_ignores_are_a_warning(tmp_path, host):
+    captioned = config(tmp_path)  # the four images have caption files
+    assert not any("caption files" in w for w in Trainer(captioned, host).warnings)  # subject_filewords uses them
+    warned = Trainer(captioned.replace(template="subject"), host).warnings
+    assert [w for w in warned if w.startswith("4 of the 4 images have caption files, but template 'subject'")]
+    for caption in (tmp_path / "images").glob("*.txt"):
+        caption.unlink()
+    assert not any("caption files" in w for w in Trainer(captioned.replace(template="subject"), host).warnings)
