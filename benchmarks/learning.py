@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--method", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
         help="also run a method of your own: TrainConfig fields over the defaults, e.g. x '{\"batch_size\": 2}'; "
-        "\"photo_captions\": true gives the photos captions of their other attributes and appends them to the prompts",
+        "\"photo_captions\": true gives the photos captions of their other attributes and appends them to the prompts "
+        "(\"both\": half the prompts put them before the trigger)",
     )  # fmt: skip
     p.add_argument(
         "--concepts", nargs="+", default=list(world.HELD_OUT_CONCEPTS), choices=list(world.HELD_OUT_CONCEPTS)
@@ -91,8 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             values = json.loads(fields)
         except json.JSONDecodeError as error:
             p.error(f"--method {name}: {fields!r} is not JSON ({error})")
-        captions = bool(values.pop("photo_captions", False))  # the photos' data, not a TrainConfig field
-        args.runs.append(learning.Method(name, values, "from --method", captions=captions))
+        captions = values.pop("photo_captions", False)  # the photos' data, not a TrainConfig field
+        args.runs.append(learning.Method(name, values, "from --method", captions=bool(captions),
+                                         captions_first=captions == "both"))  # fmt: skip
     if not args.runs:
         p.error("no methods: name some with --methods or give --method NAME JSON")
     return args

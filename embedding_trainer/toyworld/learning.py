@@ -66,6 +66,9 @@ class Method:
     #: The photos come with captions naming their other attributes (never the concept's), and the prompts append
     #: them (``[filewords]``): what a user who captions the photos, or an auto-captioner, gives the trainer.
     captions: bool = False
+    #: With ``captions``: half the prompts put the caption before the trigger ("a photo of a [filewords] [name]"), as
+    #: edit prompts put requested attributes before it.
+    captions_first: bool = False
 
 
 #: Our defaults: whatever ``TrainConfig`` defaults to (so the benchmark follows them when they change).
@@ -155,10 +158,14 @@ class TrainedSnapshots:
     config: TrainConfig
 
 
-def concept_template(concept: world.HeldOutConcept, folder: Path, captions: bool = False) -> Path:
-    path = folder / f"template-{concept.kind}{'-filewords' if captions else ''}.txt"
+def concept_template(
+    concept: world.HeldOutConcept, folder: Path, captions: bool = False, captions_first: bool = False
+) -> Path:
+    path = folder / f"template-{concept.kind}{'-filewords' if captions else ''}{'-first' if captions_first else ''}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{line}, [filewords]" if captions else line for line in TEMPLATES[concept.kind]]
+    if captions and captions_first:
+        lines += [line.replace("[name]", "[filewords] [name]") for line in TEMPLATES[concept.kind]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -250,7 +257,7 @@ def train_concept(
     fields = {
         "name": TRIGGER,
         "images": str(images),
-        "template": str(concept_template(concept, work, captions=method.captions)),
+        "template": str(concept_template(concept, work, method.captions, method.captions_first)),
         "resolution": world.IMAGE_SIZE,
         "max_steps": max(budgets),
         "seed": seed,
