@@ -1,4 +1,5 @@
-"""The standalone command line: ``python -m embedding_trainer train|inspect|convert|demo|make-tiny-model|export-a1111``.
+"""The standalone command line: ``python -m embedding_trainer COMMAND`` (train, jobs, render, inspect, convert, demo,
+make-tiny-model, export-a1111).
 
 Training flags are generated from ``TrainConfig``'s fields, so the CLI, the saved run config and (later) the
 WebUI and API accept the same names and values.
