@@ -47,6 +47,7 @@ class ImageRecord:
     caption: str
     size: tuple[int, int]  # (width, height) after EXIF orientation
     has_alpha: bool
+    has_caption_file: bool = False  # the caption came from <image>.txt (else from the file name)
 
 
 @dataclass
@@ -180,10 +181,11 @@ def _caption_from_name(stem: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _read_caption(image_path: Path) -> str:
+def _read_caption(image_path: Path) -> tuple[str, bool]:
+    """The image's caption, and whether it came from its caption file (else from its file name)."""
     txt = image_path.with_suffix(".txt")
     if not txt.is_file():
-        return _caption_from_name(image_path.stem)
+        return _caption_from_name(image_path.stem), False
     try:
         raw = txt.read_bytes()
     except OSError as e:
@@ -197,7 +199,7 @@ def _read_caption(image_path: Path) -> str:
             f"caption file {txt} is not UTF-8 text (invalid byte at position {e.start}); save it as UTF-8"
         ) from e
     # Line breaks mean nothing to the tokenizer; keep the caption on one line so the prompt log stays readable.
-    return re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+", " ", text).strip(), True
 
 
 def _is_image(path: Path) -> bool:
@@ -256,11 +258,19 @@ def scan_dataset(folder: str | os.PathLike[str], *, recursive: bool = False, min
                     f"too small ({width} x {height}); images need at least {MIN_SIDE} pixels per side, "
                     "use a larger image"
                 )
-            caption = _read_caption(path)
+            caption, from_file = _read_caption(path)
         except _Problem as e:
             problems.append(DatasetProblem(path, str(e)))  # the caller reports them (a run: as its warnings)
             continue
-        records.append(ImageRecord(path=path, caption=caption, size=(width, height), has_alpha=alpha is not None))
+        records.append(
+            ImageRecord(
+                path=path,
+                caption=caption,
+                size=(width, height),
+                has_alpha=alpha is not None,
+                has_caption_file=from_file,
+            )
+        )
 
     if len(records) < min_images:
         listed = "".join(f"\n  - {p}" for p in problems)

@@ -348,7 +348,7 @@ class Trainer:
                 f"batch_size {batch} over {processes} processes leaves {processes - batch} of them without images in "
                 f"every batch; raise batch_size to at least {processes} or start fewer processes"
             )
-        captioned = sum(1 for r in self.scan.records if r.path.with_suffix(".txt").is_file())
+        captioned = sum(1 for r in self.scan.records if r.has_caption_file)
         if captioned and not self.prompts.uses_filewords:
             warnings.append(
                 f"{captioned} of the {len(self.scan.records)} images have caption files, but template "

@@ -233,7 +233,7 @@ def check_dataset(
         width, height = record.size
         if min(width, height) < SMALL_SIDE:
             problems.append(f"{record.path.name}: tiny image ({width} x {height}); use at least {SMALL_SIDE} px")
-        if not record.path.with_suffix(".txt").is_file():
+        if not record.has_caption_file:
             no_caption.append(record.path.name)
     if no_caption and uses_captions:
         shown = ", ".join(no_caption[:8]) + (f" and {len(no_caption) - 8} more" if len(no_caption) > 8 else "")
