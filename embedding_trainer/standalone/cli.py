@@ -430,10 +430,7 @@ EXIT_STOPPED = 130
 EXIT_JOBS_FAILED = 1
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ..distributed import Processes
-
-    processes = Processes.from_environment()
+def _train(args: argparse.Namespace, processes: Processes) -> int:
     if not processes.writes_files:  # process 0 reports; the others only say what goes wrong
         logger.setLevel(logging.WARNING)
     try:
@@ -443,18 +440,16 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_STOPPED if result.stopped else 0
 
 
-def _jobs(args: argparse.Namespace) -> int:
-    from ..distributed import Processes
+def _jobs(args: argparse.Namespace, processes: Processes) -> int:
     from .jobs import run_jobs
 
-    processes = Processes.from_environment()
     with StopSignals(processes) as stop:
         defaults = config_values(args)
         TrainConfig.from_dict(defaults)  # the flags themselves must be valid before any job runs
         if defaults.get("resume"):
             raise ConfigError("resume", "is not an option for every job; a job file resumes stopped jobs by itself")
         summary = Path(args.summary) if args.summary else None
-        results = run_jobs(Path(args.job_file), defaults, args.model, summary, lambda: stop.asked)
+        results = run_jobs(Path(args.job_file), defaults, args.model, summary, lambda: stop.asked, processes)
     if results is None:  # not process 0: its jobs are in process 0's summary
         return 0
     if any(r.status == "failed" for r in results):
@@ -476,9 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command == "train":
-            return _train(args)
+            return _train(args, processes)
         if args.command == "jobs":
-            return _jobs(args)
+            return _jobs(args, processes)
         elif args.command == "render":
             print(_render(args))
         elif args.command == "inspect":

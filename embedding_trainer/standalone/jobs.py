@@ -241,11 +241,15 @@ def _keep_result(result: JobResult, config: TrainConfig) -> None:
 
 
 def run_jobs(
-    path: Path, defaults: dict[str, Any], default_model: str, summary_path: Path | None, should_stop: Any
+    path: Path,
+    defaults: dict[str, Any],
+    default_model: str,
+    summary_path: Path | None,
+    should_stop: Any,
+    processes: Processes,
 ) -> list[JobResult] | None:
     """Run the job file's jobs on this process (and the others under torchrun). Process 0 returns every job's
     result (in file order) and writes the summary; the other processes return None."""
-    processes = Processes.from_environment()
     jobs = load_jobs(path, defaults, default_model)
     queue = JobQueue(len(jobs), processes)
     hosts = _Hosts()
