@@ -43,13 +43,16 @@ def model_family(sd_model: Any) -> ModelFamily:
         raise HostError(
             f"{name} is an inpainting or instruct model ({unet.in_channels} input channels); load the base model"
         )
-    if getattr(sd_model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd1"
-    raise HostError(f"{name} is not an SD1.x, SD2.x or SDXL model (e.g. Flux); Embedding Trainer cannot train on it")
+    return family_from_flags(sd_model, name)
+
+
+def family_from_flags(sd_model: Any, name: str) -> ModelFamily:
+    """The family the loaded model's flags name (``is_sdxl``, ``is_sd2``, ``is_sd1``: the WebUI's and Forge's)."""
+    families: tuple[tuple[str, ModelFamily], ...] = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1"))
+    for flag, family in families:
+        if getattr(sd_model, flag, False):
+            return family
+    raise HostError(f"{name} is not an SD1.x, SD2.x or SDXL model (e.g. Flux, SD3); Embedding Trainer cannot train it")
 
 
 def native_resolution(sd_model: Any, family: ModelFamily) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import HostError
 from ..host import EncoderInfo, ImageInfo, ModelFamily, channels_last_on_cpu, checkpointed, frozen
-from .a1111 import carrying, checkpoint_units, published
+from .a1111 import carrying, checkpoint_units, family_from_flags, published
 
 #: In-place additions in Forge's ``BasicTransformerBlock._forward``, and their out-of-place forms.
 IN_PLACE_ADDITION = re.compile(r"\b(x) \+= (\w+)")
@@ -45,15 +45,9 @@ def model_family(sd_model: Any) -> ModelFamily:
     name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "model_name", "the loaded model")
     if getattr(sd_model, "forge_objects", None) is None:
         raise HostError("Forge has not loaded a model yet; choose a checkpoint (or generate once) and start again")
-    if getattr(sd_model, "is_sdxl", False):
-        if not hasattr(sd_model, "text_processing_engine_l"):
-            raise HostError(f"{name} is the SDXL refiner, which has no CLIP-L encoder; load a base SDXL model")
-        return "sdxl"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd1"
-    raise HostError(f"{name} is not an SD1.x, SD2.x or SDXL model (e.g. Flux, SD3); Embedding Trainer cannot train it")
+    if getattr(sd_model, "is_sdxl", False) and not hasattr(sd_model, "text_processing_engine_l"):
+        raise HostError(f"{name} is the SDXL refiner, which has no CLIP-L encoder; load a base SDXL model")
+    return family_from_flags(sd_model, name)
 
 
 def prediction_type(sd_model: Any) -> str:
