@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_images
-from test_webui_integration import CAT, FAMILIES, Client, wait_finished
+from test_webui_integration import CAT, FAMILIES, Client, assert_finished_for_the_model, wait_finished
 from webui_launcher import launched
 
 from embedding_trainer.embedding_file import load_embedding
@@ -119,12 +119,7 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
     status, reply = forge.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(forge, reply["id"], timeout=900)
-    assert run["state"] == "finished", run["error"]
-    assert run["model"]["family"] == forge.family
-    assert run["model"]["prediction_type"] == ("v_prediction" if forge.family == "sd2" else "epsilon")
-    assert list(run["model"]["encoders"]) == list(FAMILIES[forge.family])
-    path = Path(run["result"]["embedding_path"])
-    assert path == forge.data / "embeddings" / "forgecat.safetensors" and path.is_file()
+    path = assert_finished_for_the_model(run, forge.family, forge.data / "embeddings" / "forgecat.safetensors")
     if forge.family == "sd1":
         assert run["preview_at_steps"][:1] == [3] and run["previews"], run["preview_at_steps"]
 

@@ -73,6 +73,18 @@ def webui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield client
 
 
+def assert_finished_for_the_model(run: dict[str, Any], family: str, embedding: Path) -> Path:
+    """The run finished, its adapter saw the family, prediction type and encoders the checkpoint's config defines,
+    and the embedding is where the host keeps embeddings; returns its path."""
+    assert run["state"] == "finished", run["error"]
+    assert run["model"]["family"] == family
+    assert run["model"]["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
+    assert list(run["model"]["encoders"]) == list(FAMILIES[family])
+    path = Path(run["result"]["embedding_path"])
+    assert path == embedding and path.is_file()
+    return path
+
+
 def wait_finished(client: Client, run_id: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,13 +127,7 @@ def test_train_through_the_api_and_use_the_trigger_at_once(webui, tmp_path):
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
-    assert run["state"] == "finished", run["error"]
-    # The adapter saw the family, prediction type and encoders the checkpoint's config defines.
-    assert run["model"]["family"] == webui.family
-    assert run["model"]["prediction_type"] == ("v_prediction" if webui.family == "sd2" else "epsilon")
-    assert list(run["model"]["encoders"]) == list(FAMILIES[webui.family])
-    path = Path(run["result"]["embedding_path"])
-    assert path == webui.data / "embeddings" / "itcat.safetensors" and path.is_file()
+    path = assert_finished_for_the_model(run, webui.family, webui.data / "embeddings" / "itcat.safetensors")
     assert not Path(run["result"]["run_dir"]).is_relative_to(webui.data / "embeddings")
 
     # Every vector of every encoder moved away from init_text's token row. With no weight decay only a gradient
