@@ -298,6 +298,15 @@ def _resume_command(model: str, run_dir: Path, processes: Processes) -> str:
     return shlex.join([*launcher, "embedding_trainer", "train", "--model", model, "--resume", str(run_dir)])
 
 
+def load_host(model: str, device: Any, precision: str, where: str = "") -> Any:
+    """The diffusers model folder ``model`` as a host on ``device``, its weights in ``precision``'s dtype."""
+    from ..hosts.diffusers_host import DiffusersHost
+    from ..trainer import COMPUTE_DTYPES
+
+    logger.info("loading %s on %s (%s)%s", model, device, precision, where)
+    return DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
+
+
 def run_training(
     config: TrainConfig, model: str, show_progress: bool = True, processes: Processes | None = None
 ) -> tuple[Any, Any]:
@@ -308,10 +317,8 @@ def run_training(
     Returns the ``Trainer`` and its ``TrainResult``.
     """
     from ..distributed import Processes
-    from ..hosts.diffusers_host import DiffusersHost
     from ..run_state import STATE_SUFFIX
     from ..trainer import (
-        COMPUTE_DTYPES,
         Callbacks,
         Trainer,
         check_inputs,
@@ -340,8 +347,7 @@ def run_training(
         check_output_free(config)  # before minutes of model loading
         check_inputs(config)
         where = f" in {processes.world_size} processes (this is {processes.rank})" if processes.distributed else ""
-        logger.info("loading %s on %s (%s)%s", model, device, precision, where)
-        host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
+        host = load_host(model, device, precision, where)
         trainer = Trainer(config, host, callbacks, processes)
     except Exception as error:  # noqa: BLE001 - every process must hear of it (agree raises it again)
         problem = error

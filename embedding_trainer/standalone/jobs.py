@@ -121,14 +121,12 @@ class _Hosts:
         self.host: Any = None
 
     def get(self, model: str, device: Any, precision: str) -> Any:
-        from ..hosts.diffusers_host import DiffusersHost
-        from ..trainer import COMPUTE_DTYPES
+        from .cli import load_host
 
         key = (str(Path(model).resolve()), str(device), precision)
         if key != self.key:
             self.host = self.key = None  # free the previous model first
-            logger.info("loading %s on %s (%s)", model, device, precision)
-            self.host = DiffusersHost.from_pretrained(model, device=device, dtype=COMPUTE_DTYPES[precision])
+            self.host = load_host(model, device, precision)
             self.key = key
         return self.host
 
