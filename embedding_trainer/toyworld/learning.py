@@ -193,18 +193,20 @@ def concept_erased(
         yield
         return
     initial = base_model.initial_text_encoder(model_folder)
-    tables = [encoder.get_input_embeddings().weight for encoder in encoders]
     ids = torch.tensor(sorted(base_model.held_out_token_ids(tokenizer, concept.erase).values()))
-    saved = [table[ids].detach().clone() for table in tables]
+    saved = [encoder.get_input_embeddings().weight[ids].detach().clone() for encoder in encoders]
     with torch.no_grad():
         for encoder in encoders:
             base_model.erase_held_out_words(encoder, tokenizer, initial, concept.erase)
     try:
         yield
     finally:
+        # Each encoder's table as it is now: loading and unloading an embedding file resizes the table, which
+        # replaces the tensor, so rows written into the one taken at the start would not reach the model.
         with torch.no_grad():
-            for table, rows in zip(tables, saved):
-                table[ids.to(table.device)] = rows
+            for encoder, rows in zip(encoders, saved):
+                table = encoder.get_input_embeddings().weight
+                table[ids.to(table.device)] = rows.to(table)
 
 
 def photo_main_values(concept: world.HeldOutConcept, photos: int, seed: int) -> dict[str, str]:
