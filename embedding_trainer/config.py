@@ -89,7 +89,9 @@ class TrainConfig:
     resume: str = _f("", "Resume from a run folder (its latest save) or a state file written by a previous run.")
     # Data
     template: str = _f(
-        "subject", "Prompt template: a built-in name or the path of a text file with [name]/[filewords] lines."
+        "auto",
+        "Prompt template: auto (subject_filewords when every image has a caption file, else subject), a built-in "
+        "name or the path of a text file with [name]/[filewords] lines.",
     )
     resolution: int = _f(0, "Training resolution in pixels, a multiple of 8 (0: the model's default).", min=0)
     crop: str = _f("center", "Where to crop after resizing the short side.", ("center", "random"))

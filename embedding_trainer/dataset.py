@@ -64,6 +64,11 @@ class ScanResult:
     records: list[ImageRecord]
     problems: list[DatasetProblem]
 
+    @property
+    def captioned(self) -> int:
+        """How many of the usable images have a caption file (the others' captions come from file names)."""
+        return sum(1 for record in self.records if record.has_caption_file)
+
 
 class _Problem(Exception):
     """One file cannot be used; the message says why and what to do."""

@@ -17,10 +17,26 @@ from .errors import DatasetError
 NAME_TOKEN = "[name]"
 FILEWORDS_TOKEN = "[filewords]"
 BUILTIN_TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords")
+#: The default: ``subject_filewords`` when every image has a caption file, else ``subject`` (``template_for``).
+AUTO_TEMPLATE = "auto"
 
 
 def builtin_template_names() -> tuple[str, ...]:
-    return BUILTIN_TEMPLATES
+    """The names a template field accepts besides a file path: ``auto`` and the built-in templates."""
+    return (AUTO_TEMPLATE, *BUILTIN_TEMPLATES)
+
+
+def template_for(spec: str, captioned: int, images: int) -> str:
+    """The template a run uses: ``auto`` is ``subject_filewords`` when all ``images`` have caption files
+    (``captioned`` of them do), else ``subject``; any other name or path is itself.
+
+    Captions that name what the concept is not (its colour, background, pose) keep those out of the embedding
+    (benchmarks/RESULTS.md, "Captioned photos"); when some images lack one, their file name would stand in, so auto
+    leaves captions out rather than train on file names.
+    """
+    if spec.strip() != AUTO_TEMPLATE:
+        return spec
+    return "subject_filewords" if images and captioned == images else "subject"
 
 
 def _builtin_text(name: str) -> str:
@@ -41,6 +57,8 @@ def load_template(name_or_path: str) -> list[str]:
     """
     spec = str(name_or_path).strip()
     builtins = ", ".join(BUILTIN_TEMPLATES)
+    if spec == AUTO_TEMPLATE:
+        raise DatasetError("template: 'auto' depends on the images; choose it with template_for before loading it")
     if not spec:
         raise DatasetError(f"template: no template given; use a built-in name ({builtins}) or a file path")
     if spec in BUILTIN_TEMPLATES:
@@ -121,7 +139,12 @@ class PromptBuilder:
     """
 
     def __init__(
-        self, lines: Sequence[str], trigger: str, shuffle_tags: bool = False, tag_dropout: float = 0.0
+        self,
+        lines: Sequence[str],
+        trigger: str,
+        shuffle_tags: bool = False,
+        tag_dropout: float = 0.0,
+        template: str = "",
     ) -> None:
         if not lines:
             raise DatasetError("template: no prompt lines; write one prompt per line, each containing [name]")
@@ -130,6 +153,7 @@ class PromptBuilder:
         if not 0.0 <= tag_dropout <= 1.0:
             raise DatasetError(f"tag_dropout: {tag_dropout!r} is outside 0..1; use a probability such as 0.1")
         self.lines = list(lines)
+        self.template = template  # the name or path the lines came from
         self.trigger = trigger
         self.shuffle_tags = shuffle_tags
         self.tag_dropout = float(tag_dropout)
@@ -157,6 +181,7 @@ class PromptBuilder:
 
 
 def preview_prompt(template: str, trigger: str) -> str:
-    """A prompt for preview images: the template's first line with the trigger in place and no caption."""
-    line = load_template(template)[0]
+    """A prompt for preview images: the template's first line with the trigger in place and no caption (``auto``'s
+    two choices have the same first line)."""
+    line = load_template(template_for(template, 0, 0))[0]
     return _tidy(line.replace(NAME_TOKEN, trigger).replace(FILEWORDS_TOKEN, ""))

@@ -49,7 +49,7 @@ from .log import logger
 from .losses import add_noise, denoising_loss, min_snr_weights, prediction_target
 from .run_state import STATE_SUFFIX, find_state, load_state, restore_optimizer, run_folder_of, save_state
 from .schedules import learning_rate_at, parse_learning_rate
-from .templates import PromptBuilder, load_template
+from .templates import AUTO_TEMPLATE, PromptBuilder, load_template, template_for
 
 #: Fields that may differ between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = frozenset(
@@ -176,8 +176,11 @@ def check_inputs(config: TrainConfig) -> tuple[PromptBuilder, ScanResult]:
     """The run's inputs, read without the model: the template's prompts and the scanned image folder, after checking
     the files to start from. Callers check them before a model is loaded or a run is queued; a run reads them again
     when it starts (files may change meanwhile). Raises ``DatasetError`` or ``ConfigError`` naming the field."""
-    prompts = PromptBuilder(load_template(config.template), config.name, config.shuffle_tags, config.tag_dropout)
     scan = scan_dataset(config.images, recursive=config.recursive, min_images=config.min_images)
+    template = template_for(config.template, scan.captioned, len(scan.records))
+    prompts = PromptBuilder(
+        load_template(template), config.name, config.shuffle_tags, config.tag_dropout, template=template
+    )
     if config.init_mode == "file" and not Path(config.init_file).is_file():
         raise ConfigError("init_file", f"'{config.init_file}' does not exist; give the path of an embedding file")
     if config.resume:
@@ -278,6 +281,12 @@ class Trainer:
         self.resolution = config.resolution
         self._status(f"checking the prompt template and scanning {config.images}")
         self.prompts, self.scan = check_inputs(config)
+        if self.prompts.template != config.template:
+            with_captions = self.prompts.uses_filewords
+            self._status(
+                f"template auto: {self.prompts.template} "
+                f"({'every image has a caption file' if with_captions else 'not every image has a caption file'})"
+            )
         self.data = TrainingSet(
             self.scan.records,
             resolution=self.resolution,
@@ -348,14 +357,24 @@ class Trainer:
                 f"batch_size {batch} over {processes} processes leaves {processes - batch} of them without images in "
                 f"every batch; raise batch_size to at least {processes} or start fewer processes"
             )
-        captioned = sum(1 for r in self.scan.records if r.has_caption_file)
+        captioned, images = self.scan.captioned, len(self.scan.records)
         if captioned and not self.prompts.uses_filewords:
+            if self.config.template.strip() == AUTO_TEMPLATE:
+                unused = (
+                    f"{captioned} of the {images} images have caption files; template auto uses captions only when "
+                    f"every image has one (else file names would stand in), so they are not used: add caption files "
+                    f"for the other {images - captioned}, or choose subject_filewords"
+                )
+            else:
+                unused = (
+                    f"{captioned} of the {images} images have caption files, but template '{self.config.template}' "
+                    "has no [filewords], so they are not used; auto or a _filewords template (subject_filewords, "
+                    "style_filewords) puts them in the prompts"
+                )
             warnings.append(
-                f"{captioned} of the {len(self.scan.records)} images have caption files, but template "
-                f"'{self.config.template}' has no [filewords], so they are not used; a _filewords template "
-                "(subject_filewords, style_filewords) puts them in the prompts. Captions that name what is NOT the "
-                "concept (colour, background, pose, ...) keep those out of the embedding: on the toy model they "
-                "raised editability from 0.69 to 0.86 (benchmarks/RESULTS.md)"
+                f"{unused}. Captions that name what is NOT the concept (colour, background, pose, ...) keep those "
+                "out of the embedding: on the toy model they raised editability from 0.73 to 0.91 "
+                "(benchmarks/RESULTS.md)"
             )
         name = self.config.name
         if self.host.known_token_count(name) == 1:

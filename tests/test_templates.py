@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from embedding_trainer.errors import DatasetError
-from embedding_trainer.templates import BUILTIN_TEMPLATES, PromptBuilder, load_template, preview_prompt
+from embedding_trainer.templates import (
+    BUILTIN_TEMPLATES,
+    PromptBuilder,
+    builtin_template_names,
+    load_template,
+    preview_prompt,
+    template_for,
+)
 
 
 @pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
@@ -148,8 +155,20 @@ def test_prompt_builder_rejects_bad_arguments() -> None:
         PromptBuilder([], "tok")
 
 
+def test_auto_uses_the_captions_only_when_every_image_has_a_caption_file() -> None:
+    assert template_for("auto", captioned=4, images=4) == "subject_filewords"
+    assert template_for(" auto ", captioned=3, images=4) == "subject"  # one would be captioned by its file name
+    assert template_for("auto", captioned=0, images=4) == "subject"
+    assert template_for("auto", captioned=0, images=0) == "subject"
+    assert template_for("style", captioned=4, images=4) == "style"  # a chosen template is kept as it is
+    assert builtin_template_names() == ("auto", *BUILTIN_TEMPLATES)
+    with pytest.raises(DatasetError, match="'auto' depends on the images"):
+        load_template("auto")
+
+
 def test_the_preview_prompt_is_the_first_line_with_the_trigger_and_no_caption(tmp_path):
     assert preview_prompt("subject", "my-cat") == "a photo of a my-cat"
+    assert preview_prompt("auto", "my-cat") == "a photo of a my-cat"
     custom = tmp_path / "t.txt"
     custom.write_text("[filewords], art by [name]\nignored [name]\n", encoding="utf-8")
     assert preview_prompt(str(custom), "zed") == "art by zed"

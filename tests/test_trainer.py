@@ -453,3 +453,17 @@ def test_caption_files_a_template_ignores_are_a_warning(tmp_path, host):
     for caption in (tmp_path / "images").glob("*.txt"):
         caption.unlink()
     assert not any("caption files" in w for w in Trainer(captioned.replace(template="subject"), host).warnings)
+
+
+def test_template_auto_uses_the_captions_when_every_image_has_one(tmp_path, host):
+    auto = config(tmp_path, template="auto")  # the four images have caption files
+    statuses: list[str] = []
+    trainer = Trainer(auto, host, Callbacks(on_status=statuses.append))
+    assert trainer.prompts.template == "subject_filewords" and trainer.prompts.uses_filewords
+    assert "template auto: subject_filewords (every image has a caption file)" in statuses
+    assert not any("caption files" in w for w in trainer.warnings)
+    captions = sorted((tmp_path / "images").glob("*.txt"))
+    captions[0].unlink()  # now its file name would stand in for a caption: auto leaves them all out
+    trainer = Trainer(auto, host)
+    assert trainer.prompts.template == "subject" and not trainer.prompts.uses_filewords
+    assert [w for w in trainer.warnings if w.startswith("3 of the 4 images have caption files; template auto uses")]

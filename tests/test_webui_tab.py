@@ -49,6 +49,12 @@ def test_dataset_check_lists_problems(tmp_path):
     assert tab.check_dataset(str(tmp_path / "plain"), template="subject").problems == []
     with_captions = tab.check_dataset(str(tmp_path / "plain"), template="subject_filewords")
     assert "without a caption" in " ".join(with_captions.problems)
+    assert tab.check_dataset(str(tmp_path / "plain"), template="auto").problems == []  # auto: no captions, subject
+    make_images(tmp_path / "some", count=2, captions=True)
+    (tmp_path / "some" / sorted(p.name for p in (tmp_path / "some").glob("*.txt"))[0]).unlink()
+    partly = " ".join(tab.check_dataset(str(tmp_path / "some"), template="auto").problems)
+    assert "1 image(s) without a caption file, so template auto leaves every caption out" in partly
+    assert tab.check_dataset(str(tmp_path / "ok"), template="auto").problems == []
     missing_template = tab.check_dataset(str(tmp_path / "plain"), template=str(tmp_path / "none.txt")).problems
     assert any(p.startswith("template: ") and "does not exist" in p for p in missing_template)
     missing = tab.check_dataset(str(tmp_path / "nowhere"))

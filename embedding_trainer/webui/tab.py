@@ -212,7 +212,7 @@ def check_dataset(
     """Scan an images folder for the tab: thumbnails with captions, and every problem found. Missing caption files
     are a problem only when ``template`` uses ``[filewords]`` (or is not known)."""
     from ..dataset import scan_dataset
-    from ..templates import FILEWORDS_TOKEN, load_template
+    from ..templates import AUTO_TEMPLATE, FILEWORDS_TOKEN, load_template, template_for
 
     folder = (folder or "").strip()
     if not folder:
@@ -225,7 +225,8 @@ def check_dataset(
     uses_captions = True
     if template:
         try:
-            uses_captions = any(FILEWORDS_TOKEN in line for line in load_template(template))
+            chosen = template_for(template, scan.captioned, len(scan.records))
+            uses_captions = any(FILEWORDS_TOKEN in line for line in load_template(chosen))
         except EmbeddingTrainerError as error:
             problems.append(str(error))
     no_caption = []
@@ -235,10 +236,15 @@ def check_dataset(
             problems.append(f"{record.path.name}: tiny image ({width} x {height}); use at least {SMALL_SIDE} px")
         if not record.has_caption_file:
             no_caption.append(record.path.name)
+    shown = ", ".join(no_caption[:8]) + (f" and {len(no_caption) - 8} more" if len(no_caption) > 8 else "")
     if no_caption and uses_captions:
-        shown = ", ".join(no_caption[:8]) + (f" and {len(no_caption) - 8} more" if len(no_caption) > 8 else "")
         problems.append(
             f"{len(no_caption)} image(s) without a caption file (the caption comes from the file name): {shown}"
+        )
+    elif no_caption and scan.captioned and (template or "").strip() == AUTO_TEMPLATE:
+        problems.append(
+            f"{len(no_caption)} image(s) without a caption file, so template auto leaves every caption out (it uses "
+            f"them only when each image has one): {shown}"
         )
     items = [(str(r.path), r.caption) for r in scan.records[:limit]]
     lines = [f"**{len(scan.records)} usable image(s)** in `{_md(folder)}`"]
