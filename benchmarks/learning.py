@@ -10,6 +10,7 @@ through its budgets, as in the textual-inversion paper). Examples::
     python benchmarks/learning.py --short                 # one concept, one seed, budgets 0/25/100: a few minutes
     python benchmarks/learning.py --out bench-out         # every concept and method, 3 seeds, 25..400 steps
     python benchmarks/learning.py --jobs 2 --threads 1    # the same, two runs at a time (one per core)
+    python benchmarks/learning.py --own-words --out words # no training: the concepts' own words, the bound
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (e.g. 2 x --threads 1)")
     p.add_argument("--out", type=Path, default=Path("bench-learning"))
     p.add_argument("--short", action="store_true", help="one concept, one seed, budgets 25 and 100, two methods")
+    p.add_argument(
+        "--own-words", action="store_true",
+        help="train nothing: judge the same prompts with the concept's own words on the model as shipped (for the "
+        "concepts that have them): how well any word for the concept can edit",
+    )  # fmt: skip
     p.add_argument(
         "--from-csv", nargs="+", type=Path, default=[], metavar="CSV",
         help="train nothing: summarise the rows of earlier runs' learning.csv files together (e.g. two sessions)",
@@ -328,9 +334,41 @@ def _run_one(task: tuple[learning.Method, str, int, list[int], int, Path]) -> tu
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    if args.own_words:
+        judge_own_words(args)
+        return 0
     rows = [row for path in args.from_csv for row in read_rows(path)] if args.from_csv else train_and_judge(args)
     write_results(args, rows, started)
     return 0
+
+
+def judge_own_words(args: argparse.Namespace) -> None:
+    """Reconstruction and editability of the concepts' own words (``--own-words``), per concept over the seeds;
+    prints a table and writes ``own-words.json``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, judges = load_model(args.model), load_judges()
+    concepts = [world.HELD_OUT_CONCEPTS[name] for name in args.concepts if world.HELD_OUT_CONCEPTS[name].own_words]
+    results = {}
+    print("concept            words            reconstruction   editability")
+    for concept in concepts:
+        scores = [
+            learning.score_own_words(model, judges, concept, images_per_prompt=args.images_per_prompt, seed=seed)
+            for seed in args.seeds
+        ]
+        recon = learning.mean_and_interval([s.reconstruction for s in scores])
+        edit = learning.mean_and_interval([s.editability for s in scores])
+        results[concept.name] = {
+            "words": concept.own_words, "seeds": list(args.seeds), "reconstruction": recon[0],
+            "reconstruction_ci95": recon[1], "editability": edit[0], "editability_ci95": edit[1],
+        }  # fmt: skip
+        line = f"{concept.name:18s} {concept.own_words:16s} {recon[0]:.3f} ±{recon[1]:.3f}"
+        print(f"{line}   {edit[0]:.3f} ±{edit[1]:.3f}")
+    mean = sum(r["editability"] for r in results.values()) / max(len(results), 1)
+    print(f"mean editability over these {len(results)} concepts: {mean:.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "own-words.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote own-words.json in {args.out}")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

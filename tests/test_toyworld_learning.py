@@ -74,6 +74,17 @@ def test_an_erased_word_comes_back_after_embeddings_were_loaded_and_unloaded(qui
     assert np.array_equal(model.text_encoder.get_input_embeddings().weight[ids].detach(), before)
 
 
+def test_the_own_words_bound_judges_the_same_prompts_with_the_concepts_words(quick_model):
+    model = base_model.load_model(quick_model)
+    concept = world.HELD_OUT_CONCEPTS["striped_circle"]
+    scores = learning.score_own_words(model, load_judges(), concept, images_per_prompt=1)
+    assert scores.images == len(world.reconstruction_prompts(concept, "x")) + 8
+    assert 0.0 <= scores.reconstruction <= 1.0 and 0.0 <= scores.editability <= 1.0
+    assert all(c.prompt.count("striped circle") == 1 for c in world.edit_cases(concept, concept.own_words))
+    with pytest.raises(ValueError, match="no words"):  # the shipped model's held-out shapes have none
+        learning.score_own_words(model, load_judges(), world.HELD_OUT_CONCEPTS["heart"])
+
+
 def test_the_demo_writes_the_embedding_the_grid_and_the_scores(quick_model, tmp_path):
     from embedding_trainer.toyworld import demo
     from embedding_trainer.toyworld.demo import run_demo

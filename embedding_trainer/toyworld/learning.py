@@ -339,12 +339,46 @@ def score_embedding(
 ) -> Scores:
     """Judge images drawn with the embedding at ``path``: reconstruction and editability rates, and the leakage of
     ``photo_values`` (the photos' common attribute values, ``photo_main_values``) into the edits."""
-    recon = world.reconstruction_prompts(concept, TRIGGER)
-    edits = world.edit_cases(concept, TRIGGER, edit_prompts, seed=seed)
+    with embedding_loaded(model, path) as convert:
+        return judge_prompts(
+            model, judges, concept, TRIGGER, convert, images_per_prompt=images_per_prompt, edit_prompts=edit_prompts,
+            seed=seed, sample_steps=sample_steps, guidance=guidance, photo_values=photo_values,
+        )  # fmt: skip
+
+
+def score_own_words(
+    model: BaseModel, judges: Any, concept: world.HeldOutConcept, *, images_per_prompt: int = 4, seed: int = 0
+) -> Scores:
+    """The same judgement of the model as shipped with the concept's own words (``own_words``) in place of a
+    trigger: how well the model draws and edits the concept when it has a word for it, a bound for a learned one."""
+    if not concept.own_words:
+        raise ValueError(f"{concept.name}: the shipped model has no words for it")
+    return judge_prompts(
+        model, judges, concept, concept.own_words, list, images_per_prompt=images_per_prompt, seed=seed
+    )
+
+
+def judge_prompts(
+    model: BaseModel,
+    judges: Any,
+    concept: world.HeldOutConcept,
+    placeholder: str,
+    convert: Any,
+    *,
+    images_per_prompt: int = 4,
+    edit_prompts: int = 8,
+    seed: int = 0,
+    sample_steps: int = 25,
+    guidance: float = 4.0,
+    photo_values: dict[str, str] | None = None,
+) -> Scores:
+    """Draw the concept's reconstruction and edit prompts with ``placeholder`` for the concept (``convert`` rewrites
+    the prompt list first) and judge them."""
+    recon = world.reconstruction_prompts(concept, placeholder)
+    edits = world.edit_cases(concept, placeholder, edit_prompts, seed=seed)
     cases = [(c, "recon") for c in recon] + [(c, "edit") for c in edits]
     prompts = [c.prompt for c, _ in cases for _ in range(images_per_prompt)]
-    with embedding_loaded(model, path) as convert:
-        images = sample(model, convert(prompts), steps=sample_steps, guidance=guidance, seed=seed)
+    images = sample(model, convert(prompts), steps=sample_steps, guidance=guidance, seed=seed)
     hits: dict[str, list[bool]] = {"recon": [], "edit": []}
     leaks: list[bool] = []
     for index, (case, kind) in enumerate(cases):

@@ -450,6 +450,9 @@ class HeldOutConcept:
     #: Attributes the user photos keep varied and that an edit prompt may request.
     editable: tuple[str, ...] = field(default=())
     erase: tuple[str, ...] = field(default=())
+    #: The caption words that name the concept on the model as shipped, where it has them (erased only for a run,
+    #: or a binding of known words): prompts with them tell how well any word for it can edit.
+    own_words: str = ""
 
     def shown(self, attributes: Mapping[str, str]) -> bool:
         return all(attributes.get(k) == v for k, v in self.attributes.items())
@@ -489,6 +492,7 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
             (),
             "a checked star (both words are known; the concept is their binding); shape 'star' and texture 'checks'",
             ("colour", "background", "size"),
+            own_words="checked star",
         ),
         # Concepts made by erasing one more word of the shipped model, for this concept only (``erase``).
         HeldOutConcept(
@@ -499,6 +503,7 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
             "the colour purple on any shape, its word erased; the colour judge must say 'purple'",
             ("shape", "background", "texture", "size"),
             erase=("purple",),
+            own_words="purple",
         ),
         HeldOutConcept(
             "cross",
@@ -508,6 +513,7 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
             "a cross shape, its word erased; the shape judge must say 'cross'",
             ("colour", "background", "texture", "size"),
             erase=("cross",),
+            own_words="cross",
         ),
         HeldOutConcept(
             "striped_circle",
@@ -516,6 +522,7 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
             (),
             "a striped circle (a second binding of two known words); shape 'circle' and texture 'stripes'",
             ("colour", "background", "size"),
+            own_words="striped circle",
         ),
         HeldOutConcept(
             "brown_background",
@@ -525,6 +532,7 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
             "a brown backdrop behind any shape (a style of the whole picture), its word erased",
             ("shape", "colour", "texture", "size"),
             erase=("brown",),
+            own_words="brown",
         ),
     )
 }
