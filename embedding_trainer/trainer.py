@@ -281,12 +281,9 @@ class Trainer:
         self.resolution = config.resolution
         self._status(f"checking the prompt template and scanning {config.images}")
         self.prompts, self.scan = check_inputs(config)
-        if self.prompts.template != config.template:
-            with_captions = self.prompts.uses_filewords
-            self._status(
-                f"template auto: {self.prompts.template} "
-                f"({'every image has a caption file' if with_captions else 'not every image has a caption file'})"
-            )
+        if config.template.strip() == AUTO_TEMPLATE:
+            why = "every image has" if self.prompts.uses_filewords else "not every image has"
+            self._status(f"template auto: {self.prompts.template} ({why} a caption file)")
         self.data = TrainingSet(
             self.scan.records,
             resolution=self.resolution,
@@ -368,8 +365,8 @@ class Trainer:
             else:
                 unused = (
                     f"{captioned} of the {images} images have caption files, but template '{self.config.template}' "
-                    "has no [filewords], so they are not used; auto or a _filewords template (subject_filewords, "
-                    "style_filewords) puts them in the prompts"
+                    "has no [filewords], so they are not used; a _filewords template (subject_filewords, "
+                    "style_filewords) puts them in the prompts, as auto does when every image has one"
                 )
             warnings.append(
                 f"{unused}. Captions that name what is NOT the concept (colour, background, pose, ...) keep those "
