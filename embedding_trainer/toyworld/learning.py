@@ -325,25 +325,11 @@ def embedding_loaded(model: BaseModel, path: Path, trigger: str = TRIGGER) -> It
 
 
 def score_embedding(
-    model: BaseModel,
-    judges: Any,
-    concept: world.HeldOutConcept,
-    path: Path,
-    *,
-    images_per_prompt: int = 4,
-    edit_prompts: int = 8,
-    seed: int = 0,
-    sample_steps: int = 25,
-    guidance: float = 4.0,
-    photo_values: dict[str, str] | None = None,
+    model: BaseModel, judges: Any, concept: world.HeldOutConcept, path: Path, **judging: Any
 ) -> Scores:
-    """Judge images drawn with the embedding at ``path``: reconstruction and editability rates, and the leakage of
-    ``photo_values`` (the photos' common attribute values, ``photo_main_values``) into the edits."""
+    """Judge images drawn with the embedding at ``path`` (``judge_prompts``, whose options ``judging`` are)."""
     with embedding_loaded(model, path) as convert:
-        return judge_prompts(
-            model, judges, concept, TRIGGER, convert, images_per_prompt=images_per_prompt, edit_prompts=edit_prompts,
-            seed=seed, sample_steps=sample_steps, guidance=guidance, photo_values=photo_values,
-        )  # fmt: skip
+        return judge_prompts(model, judges, concept, TRIGGER, convert, **judging)
 
 
 def score_own_words(
@@ -373,7 +359,8 @@ def judge_prompts(
     photo_values: dict[str, str] | None = None,
 ) -> Scores:
     """Draw the concept's reconstruction and edit prompts with ``placeholder`` for the concept (``convert`` rewrites
-    the prompt list first) and judge them."""
+    the prompt list first) and judge them: reconstruction and editability rates, and the leakage of
+    ``photo_values`` (the photos' common attribute values, ``photo_main_values``) into the edits."""
     recon = world.reconstruction_prompts(concept, placeholder)
     edits = world.edit_cases(concept, placeholder, edit_prompts, seed=seed)
     cases = [(c, "recon") for c in recon] + [(c, "edit") for c in edits]
