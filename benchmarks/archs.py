@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from embedding_trainer.host import ModelFamily
-from embedding_trainer.standalone.clip_vocab import END_TOKEN, write_tokenizer_files
-from embedding_trainer.standalone.tiny_models import TinyComponents, build_tiny_components
+from embedding_trainer.tools.clip_vocab import END_TOKEN, write_tokenizer_files
+from embedding_trainer.tools.tiny_models import TinyComponents, build_tiny_components
 
 #: The architectures :func:`build` makes (``RESOLUTION`` has each one's native size).
 ARCHS = ("tiny", "tiny-xl", "sd15", "sd21", "sdxl")

@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory):
     """``tiny_model_dirs(family)`` -> a diffusers-format folder of a tiny model (seed 0), written once."""
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
+    from embedding_trainer.tools.tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     made: dict[str, Path] = {}

@@ -81,7 +81,7 @@ def _absolute_problem(module: str, where: str) -> list[str]:
 def test_the_core_is_what_the_boundary_test_checks() -> None:
     # A refactor that moves the trainer elsewhere must not leave this test checking nothing.
     assert {"config", "dataset", "embedding_file", "host", "log", "trainer", "templates"} <= CORE_MODULES
-    assert SUBPACKAGES == {"hosts", "standalone", "toyworld", "webui"}
+    assert SUBPACKAGES == {"hosts", "standalone", "tools", "toyworld", "webui"}
     assert (PACKAGE / "__main__.py").is_file()
 
 
@@ -179,7 +179,7 @@ def test_the_four_builtin_templates_ship_as_package_data() -> None:
 
 
 def test_the_clip_bpe_asset_ships_and_is_clips_file() -> None:
-    asset = importlib.resources.files("embedding_trainer") / "standalone" / "assets" / "clip_bpe_16e6.txt.gz"
+    asset = importlib.resources.files("embedding_trainer") / "tools" / "assets" / "clip_bpe_16e6.txt.gz"
     raw = asset.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == CLIP_BPE_SHA256
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
@@ -189,7 +189,7 @@ def test_the_clip_bpe_asset_ships_and_is_clips_file() -> None:
 
 
 def test_the_vocabulary_built_from_the_asset_has_clips_ids(tmp_path: Path) -> None:
-    from embedding_trainer.standalone.clip_vocab import write_tokenizer_files
+    from embedding_trainer.tools.clip_vocab import write_tokenizer_files
 
     folder = write_tokenizer_files(tmp_path)
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
@@ -207,7 +207,7 @@ def test_pyproject_declares_the_package_data() -> None:
     matched = {
         p.relative_to(PACKAGE).as_posix() for pattern in patterns["embedding_trainer"] for p in PACKAGE.glob(pattern)
     }
-    expected = {f"templates/{t}.txt" for t in TEMPLATES} | {"standalone/assets/clip_bpe_16e6.txt.gz"}
+    expected = {f"templates/{t}.txt" for t in TEMPLATES} | {"tools/assets/clip_bpe_16e6.txt.gz"}
     assert expected <= matched
 
 

@@ -451,7 +451,7 @@ def test_render_draws_a_labelled_grid_with_the_embedding_and_its_trigger_changes
     from PIL import Image
 
     from embedding_trainer.embedding_file import EmbeddingData, save_embedding
-    from embedding_trainer.standalone import render
+    from embedding_trainer.tools import render
 
     def embedding(seed: int) -> Path:
         vectors = {"clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(seed)) * 3}

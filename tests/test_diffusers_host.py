@@ -8,7 +8,7 @@ import torch
 from embedding_trainer.errors import HostError
 from embedding_trainer.host import ImageInfo
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
-from embedding_trainer.standalone.tiny_models import TINY_WIDTHS, build_tiny_components
+from embedding_trainer.tools.tiny_models import TINY_WIDTHS, build_tiny_components
 
 pytestmark = pytest.mark.compat
 

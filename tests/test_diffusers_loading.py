@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from embedding_trainer.embedding_file import EmbeddingData, save_embedding
 from embedding_trainer.host import ImageInfo
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
-from embedding_trainer.standalone.tiny_models import TINY_WIDTHS, build_tiny_components
+from embedding_trainer.tools.tiny_models import TINY_WIDTHS, build_tiny_components
 
 VOCAB = 49408  # CLIP's vocabulary: tokens diffusers adds get ids from here on
 BOS, EOS = 49406, 49407

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from embedding_trainer.standalone import cli
-from embedding_trainer.standalone.export_a1111 import (
+from embedding_trainer.tools.export_a1111 import (
     ExportError,
     ModelParts,
     convert_open_clip_text,
@@ -259,13 +259,13 @@ def test_refusals_name_the_problem_and_the_fix(tiny_model_dirs: Any, tmp_path: P
 
 def _ldm_compatible_sd1(folder: Path) -> Path:
     """A tiny SD1 model whose GroupNorms have 32 groups, as ldm builds them."""
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
+    from embedding_trainer.tools.tiny_models import save_tiny_model
 
     return save_tiny_model("sd1", folder, seed=0, webui_loadable=True)
 
 
 def test_components_and_folder_give_the_same_checkpoint(tmp_path: Path) -> None:
-    from embedding_trainer.standalone.tiny_models import build_tiny_components
+    from embedding_trainer.tools.tiny_models import build_tiny_components
 
     folder = _ldm_compatible_sd1(tmp_path / "model")
     from_folder = load_file(str(export_a1111(folder, tmp_path / "from-folder").checkpoint))
@@ -303,7 +303,7 @@ def test_cli_export(tiny_model_dirs: Any, tmp_path: Path, capsys: pytest.Capture
 @pytest.fixture(scope="module")
 def loadable(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``loadable(family)`` -> (diffusers folder, ExportResult) of the WebUI-loadable tiny model, made once."""
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
+    from embedding_trainer.tools.tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("loadable")
     made: dict[str, tuple[Path, Any]] = {}
@@ -519,7 +519,7 @@ def test_open_clip_conversion_refusals() -> None:
 
 
 def test_sdxl_refusals(tmp_path: Path) -> None:
-    from embedding_trainer.standalone.tiny_models import build_tiny_components
+    from embedding_trainer.tools.tiny_models import build_tiny_components
 
     components = build_tiny_components("sdxl", seed=0, webui_loadable=True)
     components.scheduler.register_to_config(beta_end=0.02)
@@ -541,7 +541,7 @@ def test_open_clip_tokenizer_padding_is_checked(tmp_path: Path) -> None:
     import logging
 
     from embedding_trainer.log import logger
-    from embedding_trainer.standalone.tiny_models import build_tiny_components
+    from embedding_trainer.tools.tiny_models import build_tiny_components
 
     components = build_tiny_components("sd2", seed=0, webui_loadable=True)
     records: list[str] = []
@@ -559,7 +559,7 @@ def test_open_clip_tokenizer_padding_is_checked(tmp_path: Path) -> None:
 
 
 def test_sdxl_components_and_folder_give_the_same_checkpoint(tmp_path: Path) -> None:
-    from embedding_trainer.standalone.tiny_models import build_tiny_components, save_components
+    from embedding_trainer.tools.tiny_models import build_tiny_components, save_components
 
     components = build_tiny_components("sdxl", seed=0, webui_loadable=True)
     folder = save_components(components, tmp_path / "model")
@@ -728,7 +728,7 @@ def test_real_model_code_loads_the_export(family: str, tmp_path: Path) -> None:
     webui, python = os.environ.get("EMBTRAIN_WEBUI_DIR"), os.environ.get("EMBTRAIN_WEBUI_PYTHON")
     if not webui or not python:
         pytest.skip("set EMBTRAIN_WEBUI_DIR (a WebUI v1.10 checkout with its repositories) and EMBTRAIN_WEBUI_PYTHON")
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
+    from embedding_trainer.tools.tiny_models import save_tiny_model
 
     folder = save_tiny_model(family, tmp_path / "model", seed=0, webui_loadable=True)
     checkpoint = export_a1111(folder, tmp_path / "out" / "tiny").checkpoint

@@ -44,7 +44,7 @@ def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from embedding_trainer.standalone.export_a1111 import export_a1111
+    from embedding_trainer.tools.export_a1111 import export_a1111
 
     repo = {
         "sd1": "runwayml/stable-diffusion-v1-5",

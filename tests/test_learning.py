@@ -23,7 +23,7 @@ from embedding_trainer.config import TrainConfig
 from embedding_trainer.host import ImageInfo
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.losses import add_noise, prediction_target
-from embedding_trainer.standalone.tiny_models import build_tiny_components
+from embedding_trainer.tools.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Trainer
 
 pytestmark = pytest.mark.compat

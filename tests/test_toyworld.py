@@ -129,7 +129,7 @@ def test_generic_words_do_not_become_names_for_held_out_classes(captioned) -> No
 
 def test_caption_words_are_single_clip_tokens(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    from embedding_trainer.standalone.clip_vocab import write_tokenizer_files
+    from embedding_trainer.tools.clip_vocab import write_tokenizer_files
 
     folder = write_tokenizer_files(tmp_path)
     tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))

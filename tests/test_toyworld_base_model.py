@@ -122,7 +122,7 @@ def test_diffusers_host_loads_it(quick_runs: tuple[Path, Path]) -> None:
 
 
 def test_exports_for_the_webui(quick_runs: tuple[Path, Path], tmp_path: Path) -> None:
-    from embedding_trainer.standalone.export_a1111 import export_a1111
+    from embedding_trainer.tools.export_a1111 import export_a1111
 
     result = export_a1111(quick_runs[0], tmp_path / "toyworld")
     assert result.checkpoint.is_file() and result.checkpoint.stat().st_size < 30 * 1000 * 1000

@@ -21,7 +21,7 @@ from embedding_trainer.embedding_file import EmbeddingData, load_embedding, save
 from embedding_trainer.errors import ConfigError, DatasetError, EmbeddingFileError, TrainingError
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.run_state import find_state
-from embedding_trainer.standalone.tiny_models import build_tiny_components
+from embedding_trainer.tools.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Callbacks, Trainer, fp16_supported_on
 
 pytestmark = pytest.mark.compat

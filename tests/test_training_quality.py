@@ -23,7 +23,7 @@ from embedding_trainer.initialization import (
     table_scale,
     vectors_from_text,
 )
-from embedding_trainer.standalone.tiny_models import build_tiny_components
+from embedding_trainer.tools.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Callbacks, Trainer
 
 pytestmark = pytest.mark.compat

@@ -30,7 +30,7 @@ from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.embedding_file import load_embedding  # noqa: E402
 from embedding_trainer.errors import ConfigError, HostError  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
-from embedding_trainer.standalone.tiny_models import build_tiny_components  # noqa: E402
+from embedding_trainer.tools.tiny_models import build_tiny_components  # noqa: E402
 from embedding_trainer.trainer import Progress  # noqa: E402
 from embedding_trainer.webui import jobs  # noqa: E402
 from embedding_trainer.webui.api import basic_auth_dependency, register_routes  # noqa: E402

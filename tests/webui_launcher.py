@@ -63,8 +63,8 @@ def prepare_data_folder(
     ``model``, a diffusers SD1 folder, exported), for SD2/SDXL the extension that registers the tiny OpenCLIP
     architecture, and ``extra_scripts`` (file name -> source) as one more tooling extension. Returns the
     checkpoint."""
-    from embedding_trainer.standalone.export_a1111 import export_a1111
-    from embedding_trainer.standalone.tiny_models import save_tiny_model
+    from embedding_trainer.tools.export_a1111 import export_a1111
+    from embedding_trainer.tools.tiny_models import save_tiny_model
 
     (data / "extensions").mkdir(parents=True)
     (data / "extensions" / "embedding-trainer").symlink_to(ROOT, target_is_directory=True)

@@ -322,7 +322,7 @@ class DiffusersHost:
     def from_components(
         cls, components: Any, device: torch.device | str = "cpu", model_name: str = "tiny"
     ) -> DiffusersHost:
-        """Wrap in-memory components (``standalone.tiny_models.TinyComponents`` or the same attributes)."""
+        """Wrap in-memory components (``tools.tiny_models.TinyComponents`` or the same attributes)."""
         host = cls(
             family=components.family,
             unet=components.unet,

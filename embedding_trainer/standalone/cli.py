@@ -414,7 +414,7 @@ def _render(args: argparse.Namespace) -> Path:
     import io
 
     from ..embedding_file import write_atomically
-    from .render import render_grid
+    from ..tools.render import render_grid
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -495,13 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(Path(args.out), concept=args.concept, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
         elif args.command == "make-tiny-model":
-            from .tiny_models import save_tiny_model
+            from ..tools.tiny_models import save_tiny_model
 
             print(save_tiny_model(args.family, args.out, seed=args.seed, webui_loadable=args.webui_loadable))
         elif args.command == "export-a1111":
             import torch
 
-            from .export_a1111 import export_a1111
+            from ..tools.export_a1111 import export_a1111
 
             result = export_a1111(
                 args.model_dir,

@@ -2,8 +2,8 @@
 
 The model has Stable Diffusion 1's structure at a tiny width: an 8x-downsampling ``AutoencoderKL`` with 4 latent
 channels (four levels), a CLIP text encoder (quick_gelu, 77 positions, CLIP's 49408-token vocabulary and the real
-CLIP tokenizer, built offline from ``standalone/clip_vocab.py``) and a cross-attention ``UNet2DConditionModel``.
-Every UNet and VAE width is a multiple of 32 with 32-group norms, so ``standalone/export_a1111.py`` writes it as a
+CLIP tokenizer, built offline from ``tools/clip_vocab.py``) and a cross-attention ``UNet2DConditionModel``.
+Every UNet and VAE width is a multiple of 32 with 32-group norms, so ``tools/export_a1111.py`` writes it as a
 checkpoint the WebUI's ldm code builds.
 
 Training (see :func:`train`) runs in stages, each checkpointed under ``<out>/state`` so that a later call continues
@@ -197,7 +197,7 @@ def build_vae(arch: Architecture, seed: int) -> Any:
 def build_text_encoder(arch: Architecture, seed: int) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..standalone.clip_vocab import VOCAB_SIZE
+    from ..tools.clip_vocab import VOCAB_SIZE
 
     torch.manual_seed(seed + 1)
     config = CLIPTextConfig(
@@ -237,10 +237,10 @@ def build_unet(arch: Architecture, seed: int) -> Any:
 
 
 def build_tokenizer() -> Any:
-    from ..standalone.clip_vocab import END_TOKEN
-    from ..standalone.tiny_models import _tokenizer
+    from ..tools.clip_vocab import END_TOKEN
+    from ..tools.tiny_models import clip_tokenizer
 
-    return _tokenizer(END_TOKEN)  # SD1 pads with the end token, as the WebUI does
+    return clip_tokenizer(END_TOKEN)  # SD1 pads with the end token, as the WebUI does
 
 
 def scheduler_config() -> dict[str, Any]:
@@ -938,8 +938,8 @@ def save_model(model: BaseModel, folder: Path, record: dict[str, Any] | None = N
     """Write ``model`` as a diffusers folder (``save_components``), weights in fp16, plus ``training_record.json``."""
     import copy
 
-    from ..standalone.export_a1111 import tokenizer_files
-    from ..standalone.tiny_models import TinyComponents, save_components
+    from ..tools.export_a1111 import tokenizer_files
+    from ..tools.tiny_models import TinyComponents, save_components
 
     def half(module: torch.nn.Module) -> torch.nn.Module:
         return copy.deepcopy(module).cpu().half()

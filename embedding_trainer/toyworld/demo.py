@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from ..config import TrainConfig
 from ..embedding_file import EmbeddingData, save_embedding
 from ..log import logger
-from ..standalone.drawing import label_font, wrap_text
+from ..tools.drawing import label_font, wrap_text
 from . import learning, world
 from .base_model import load_model, sample
 

@@ -33,7 +33,8 @@ class TinyComponents:
     scheduler: Any
 
 
-def _tokenizer(pad_token: str) -> Any:
+def clip_tokenizer(pad_token: str) -> Any:
+    """A real ``CLIPTokenizer`` over CLIP's own vocabulary (built offline), padding with ``pad_token``."""
     from transformers import CLIPTokenizer
 
     folder = write_tokenizer_files(Path(tempfile.mkdtemp(prefix="embtrain-tok-")))
@@ -101,11 +102,11 @@ def build_tiny_components(family: ModelFamily, seed: int = 0, webui_loadable: bo
     openclip = family == "sd2"
     if family == "sdxl":
         encoders = [_text_encoder(32, False, False), _text_encoder(64, True, True, openclip_mlp)]
-        tokenizers = [_tokenizer(END_TOKEN), _tokenizer("!")]
+        tokenizers = [clip_tokenizer(END_TOKEN), clip_tokenizer("!")]
     else:
         width = next(iter(widths.values()))
         encoders = [_text_encoder(width, openclip, False, openclip_mlp if openclip else 2)]
-        tokenizers = [_tokenizer("!" if openclip else END_TOKEN)]
+        tokenizers = [clip_tokenizer("!" if openclip else END_TOKEN)]
     cross_dim = sum(widths.values())
     unet_kwargs: dict[str, Any] = dict(
         sample_size=8,
