@@ -428,9 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             results.append(measure(Client(args.url), args, work / "attached", "sd1"))
         else:
-            from webui_launcher import MISSING, PYTHON, WEBUI, running_webui
-
             from embedding_trainer.toyworld.learning import SHIPPED_MODEL
+            from tests.webui import MISSING, PYTHON, WEBUI, running_webui
 
             if not (WEBUI and PYTHON):
                 parser.error(MISSING)

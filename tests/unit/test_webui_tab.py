@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import make_images
-
 from embedding_trainer.webui import tab
+from tests.helpers import make_images
 
 
 def test_fields_map_to_components_by_their_metadata():

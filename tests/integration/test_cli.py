@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import train_args
 from safetensors.torch import load_file
 
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
 from embedding_trainer.log import logger
 from embedding_trainer.standalone import cli
+from tests.helpers import train_args
 
 pytestmark = pytest.mark.compat
 
@@ -71,7 +71,7 @@ def test_module_help_runs_in_a_subprocess() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m embedding_trainer")

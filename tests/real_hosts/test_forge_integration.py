@@ -21,18 +21,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images
-from test_webui_integration import CAT, FAMILIES, Client, assert_finished_for_the_model, wait_finished
-from webui_launcher import launched
 
 from embedding_trainer.embedding_file import load_embedding
+from tests.helpers import make_images
+from tests.real_hosts.test_webui_integration import CAT, FAMILIES, Client, assert_finished_for_the_model, wait_finished
+from tests.webui import launched
 
 FORGE = os.environ.get("EMBTRAIN_FORGE_DIR")
 FORGE_PYTHON = os.environ.get("EMBTRAIN_FORGE_PYTHON")
 pytestmark = pytest.mark.skipif(
     not (FORGE and FORGE_PYTHON), reason="set EMBTRAIN_FORGE_DIR (a Forge 2.x checkout) and EMBTRAIN_FORGE_PYTHON"
 )
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_images
 from PIL import Image
-from webui_launcher import MISSING, PYTHON, REGISTERED, WEBUI, checkpoint_name, running_webui
 
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
+from tests.helpers import make_images
+from tests.webui import MISSING, PYTHON, REGISTERED, WEBUI, checkpoint_name, running_webui
 
 pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
 

@@ -28,7 +28,7 @@ MISSING = "set EMBTRAIN_WEBUI_DIR (a WebUI v1.10 checkout with its repositories)
 #: The line the test-only extension prints once it has registered the tiny OpenCLIP architecture.
 REGISTERED = "embtrain-test: registered open_clip config"
 
-_REGISTER_SCRIPT = '''"""Test-only, written by embedding-trainer's tests/webui_launcher.py: register the tiny OpenCLIP
+_REGISTER_SCRIPT = '''"""Test-only, written by embedding-trainer's tests/webui.py: register the tiny OpenCLIP
 architecture of the exported checkpoint before the WebUI builds the model."""
 
 import open_clip

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAINER_IMAGE = "embedding-trainer:test"
 WEBUI_IMAGE = "embedding-trainer-webui:test"
 
@@ -125,7 +125,7 @@ def test_the_trainer_image_runs_the_demo_as_a_user_and_inspects_a_file_from_a_vo
 
 def test_the_trainer_image_runs_the_same_torchrun_command(trainer_image, tmp_path):
     """Data-parallel in the container: torchrun (in the image's environment) with 2 gloo processes on the CPU."""
-    from conftest import make_images
+    from tests.helpers import make_images
 
     data = tmp_path / "data"
     shutil.copytree(ROOT / "embedding_trainer/toyworld/weights/base-model", data / "model")
@@ -171,11 +171,10 @@ def wait_healthy(name: str, timeout: float) -> float:
 
 def test_the_webui_image_trains_through_the_api_and_the_trigger_works_in_txt2img(webui_image, tmp_path):
     pytest.importorskip("diffusers")  # to export the toy model as a WebUI checkpoint
-    from test_webui_integration import Client, ti_hashes, wait_finished
-
     from embedding_trainer.embedding_file import file_sha256
     from embedding_trainer.tools.export_a1111 import export_a1111
     from embedding_trainer.toyworld import learning, world
+    from tests.real_hosts.test_webui_integration import Client, ti_hashes, wait_finished
 
     # The volumes: the WebUI's data folder with models, embeddings, outputs and run folders; the user's photos.
     data, photos = tmp_path / "data", tmp_path / "photos"

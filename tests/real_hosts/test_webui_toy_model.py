@@ -1,6 +1,6 @@
 """Opt-in: the shipped toy model inside a real AUTOMATIC1111 WebUI (v1.10.x) on the CPU.
 
-The toy model is exported with ``export-a1111`` into a private WebUI data folder (see ``webui_launcher.py``; set
+The toy model is exported with ``export-a1111`` into a private WebUI data folder (see ``webui.py``; set
 ``EMBTRAIN_WEBUI_DIR`` and ``EMBTRAIN_WEBUI_PYTHON``). The WebUI's own txt2img must draw what a prompt says about as
 well as diffusers does with the same model (the export is faithful, and the host's CLIP, sampler and VAE read it as
 we trained it), and an embedding trained through ``/embtrain/v1`` on photos of a held-out shape must make the
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_webui_integration import Client, wait_finished
-from webui_launcher import MISSING, PYTHON, WEBUI, running_webui
+
+from tests.real_hosts.test_webui_integration import Client, wait_finished
+from tests.webui import MISSING, PYTHON, WEBUI, running_webui
 
 pytest.importorskip("diffusers")
 

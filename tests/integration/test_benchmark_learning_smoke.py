@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learning.py"
 
 
 def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_images
 from PIL import Image
-from test_forge_integration import FORGE, FORGE_PYTHON, forge_checkpoint
-from webui_launcher import MISSING, PYTHON, WEBUI, launched, running_webui
 
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, save_embedding
+from tests.helpers import make_images
+from tests.real_hosts.test_forge_integration import FORGE, FORGE_PYTHON, forge_checkpoint
+from tests.webui import MISSING, PYTHON, WEBUI, launched, running_webui
 
 CHROMIUM = os.environ.get("EMBTRAIN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -59,7 +59,7 @@ def forge_ui(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip("set EMBTRAIN_FORGE_DIR and EMBTRAIN_FORGE_PYTHON")
     data = tmp_path_factory.mktemp("forge-ui-data")
     (data / "extensions").mkdir()
-    (data / "extensions" / "embedding-trainer").symlink_to(Path(__file__).resolve().parents[1])
+    (data / "extensions" / "embedding-trainer").symlink_to(Path(__file__).resolve().parents[2])
     models = data / "models" / "Stable-diffusion"
     forge_checkpoint("sd1", Path(FORGE), models / "forge-sd1")
     (data / "config.json").write_text('{"show_progress_type": "Approx cheap"}', encoding="utf-8")

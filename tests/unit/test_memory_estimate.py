@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_estimate.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_estimate.py"
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_images
 
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import load_embedding
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.trainer import COMPUTE_DTYPES, Trainer
+from tests.helpers import make_images
 
 pytestmark = [
     pytest.mark.gpu,

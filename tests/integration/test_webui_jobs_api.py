@@ -20,7 +20,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # FastAPI's TestClient needs it
 
 import torch  # noqa: E402
-from conftest import run_fields  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -40,6 +39,7 @@ from embedding_trainer.webui.jobs import (  # noqa: E402
     RunNotFoundError,
     RunRecord,
 )
+from tests.helpers import run_fields  # noqa: E402
 
 pytestmark = pytest.mark.compat
 

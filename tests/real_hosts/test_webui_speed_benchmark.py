@@ -1,6 +1,6 @@
 """Opt-in: the WebUI speed benchmark runs end to end against a real WebUI (short runs; no speed is asserted).
 
-Needs ``EMBTRAIN_WEBUI_DIR`` and ``EMBTRAIN_WEBUI_PYTHON`` like the real-host tier (see ``webui_launcher.py``).
+Needs ``EMBTRAIN_WEBUI_DIR`` and ``EMBTRAIN_WEBUI_PYTHON`` like the real-host tier (see ``webui.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from webui_launcher import MISSING, PYTHON, WEBUI
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "webui_speed.py"
+from tests.webui import MISSING, PYTHON, WEBUI
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "webui_speed.py"
 pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
 
 

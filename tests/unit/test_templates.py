@@ -31,7 +31,7 @@ def test_builtin_templates_load_and_every_line_has_name(name: str) -> None:
 
 
 def test_builtin_template_files_are_package_data() -> None:
-    folder = Path(__file__).resolve().parents[1] / "embedding_trainer" / "templates"
+    folder = Path(__file__).resolve().parents[2] / "embedding_trainer" / "templates"
     assert sorted(p.stem for p in folder.glob("*.txt")) == sorted(BUILTIN_TEMPLATES)
 
 

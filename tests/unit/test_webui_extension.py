@@ -32,7 +32,7 @@ from embedding_trainer.webui import extension, host_symbols  # noqa: E402
 from embedding_trainer.webui.jobs import PreviewOptions, RunRecord  # noqa: E402
 
 pytestmark = pytest.mark.compat
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class OptionInfo:

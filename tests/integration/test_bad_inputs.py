@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_images, run_fields, train_args
 
 from embedding_trainer.standalone import cli
+from tests.helpers import make_images, run_fields, train_args
 
 pytestmark = pytest.mark.compat
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images
 
 from embedding_trainer.distributed import Processes
 from embedding_trainer.embedding_file import load_embedding
@@ -26,6 +25,7 @@ from embedding_trainer.losses import denoising_loss
 from embedding_trainer.run_state import find_state, load_state
 from embedding_trainer.standalone.cli import main
 from embedding_trainer.standalone.jobs import load_jobs
+from tests.helpers import make_images
 
 #: Each torchrun launch must end within this (a 2-process run here takes 6-10 s; the killed run is stopped sooner).
 LAUNCH_TIMEOUT_S = 120

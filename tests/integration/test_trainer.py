@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images, run_fields
 
 from embedding_trainer import trainer as trainer_module
 from embedding_trainer.config import TrainConfig
@@ -23,6 +22,7 @@ from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.run_state import find_state
 from embedding_trainer.tools.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Callbacks, Trainer, fp16_supported_on
+from tests.helpers import make_images, run_fields
 
 pytestmark = pytest.mark.compat
 DEFAULT_VECTORS = TrainConfig().num_vectors

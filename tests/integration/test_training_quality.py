@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from conftest import run_fields
 
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import load_embedding
@@ -25,6 +24,7 @@ from embedding_trainer.initialization import (
 )
 from embedding_trainer.tools.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Callbacks, Trainer
+from tests.helpers import run_fields
 
 pytestmark = pytest.mark.compat
 
