@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from embedding_trainer.standalone import cli
@@ -25,6 +26,8 @@ from embedding_trainer.tools.export_a1111 import (
     convert_open_clip_text,
     export_a1111,
     load_model_parts,
+    model_config,
+    model_config_yaml,
     open_clip_arch,
     output_paths,
     unet_key_table,
@@ -163,7 +166,6 @@ def test_known_ldm_keys(sd1_export: tuple[Path, Any]) -> None:
 
 
 def test_yaml_matches_the_model(sd1_export: tuple[Path, Any]) -> None:
-    yaml = pytest.importorskip("yaml")
     model, result = sd1_export
     parts = load_model_parts(model)
     config = yaml.safe_load(result.config.read_text(encoding="utf-8"))["model"]
@@ -418,7 +420,6 @@ def _target(key: str, table: dict[str, str]) -> str:
 
 
 def test_sd2_config_is_v_prediction_with_the_open_clip_arch(loadable: Any) -> None:
-    yaml = pytest.importorskip("yaml")
     _, result = loadable("sd2")
     params = yaml.safe_load(result.config.read_text(encoding="utf-8"))["model"]["params"]
     assert params["parameterization"] == "v"  # the tiny SD2 is v-prediction; the host reads it from the yaml
@@ -442,7 +443,6 @@ def test_sd2_config_is_v_prediction_with_the_open_clip_arch(loadable: Any) -> No
 
 
 def test_sdxl_config_is_sgm(loadable: Any) -> None:
-    yaml = pytest.importorskip("yaml")
     _, result = loadable("sdxl")
     model = yaml.safe_load(result.config.read_text(encoding="utf-8"))["model"]
     assert model["target"] == "sgm.models.diffusion.DiffusionEngine"
@@ -470,6 +470,100 @@ def test_sdxl_config_is_sgm(loadable: Any) -> None:
     open_clip_config = json.loads(result.open_clip_config.read_text(encoding="utf-8"))
     assert open_clip_config["embed_dim"] == 64 and open_clip_config["text_cfg"]["layers"] == 2
     assert not list(result.text_encoder_dir.glob("*.safetensors"))
+
+
+def _hand_written_yaml(value: dict[str, Any], indent: int = 0) -> str:
+    """The exporter's yaml emitter before it used PyYAML (block dicts, flow lists of scalars, every string in double
+    quotes): the reference the PyYAML output must read the same as."""
+
+    def scalar(item: Any) -> str:
+        if item is None:
+            return "null"
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, int):
+            return str(item)
+        if isinstance(item, float):
+            text = repr(item)
+            if "e" in text:
+                mantissa, exponent = text.split("e")
+                mantissa += "" if "." in mantissa else ".0"
+                text = f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+            return text
+        return json.dumps(str(item))
+
+    pad = "  " * indent
+    lines: list[str] = []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            lines += [f"{pad}{key}:", _hand_written_yaml(item, indent + 1).rstrip("\n")]
+        elif isinstance(item, list | tuple) and item and all(isinstance(v, dict) for v in item):
+            lines.append(f"{pad}{key}:")
+            for entry in item:
+                body = _hand_written_yaml(entry, indent + 2).rstrip("\n").split("\n")
+                lines += [f"{pad}  - {body[0].lstrip()}", *body[1:]]
+        elif isinstance(item, list | tuple):
+            lines.append(f"{pad}{key}: [{', '.join(scalar(v) for v in item)}]")
+        else:
+            lines.append(f"{pad}{key}: {scalar(item)}")
+    return "\n".join(lines) + "\n"
+
+
+def _sdxl_v_prediction(loadable: Any) -> tuple[ModelParts, Any]:
+    model, result = loadable("sdxl")
+    parts = load_model_parts(model)
+    parts.scheduler_config = {**parts.scheduler_config, "prediction_type": "v_prediction"}
+    return parts, result
+
+
+@pytest.mark.parametrize("case", ["sd1", "sd2", "sdxl", "sdxl-v"])
+def test_the_yaml_reads_exactly_as_the_hand_written_one_did(
+    case: str, sd1_export: tuple[Path, Any], loadable: Any
+) -> None:
+    """Same keys, same order, same types and values (json.dumps tells 1 from 1.0 and True, and keeps the order)."""
+    if case == "sdxl-v":
+        parts, result = _sdxl_v_prediction(loadable)
+    else:
+        model, result = sd1_export if case == "sd1" else loadable(case)
+        parts = load_model_parts(model)
+    te_dir = result.text_encoder_dir.resolve() if result.text_encoder_dir else None
+    text = model_config_yaml(parts, te_dir, result.open_clip_arch)
+    new = yaml.safe_load(text)
+    old = yaml.safe_load(_hand_written_yaml(model_config(parts, te_dir, result.open_clip_arch)))
+    assert json.dumps(new) == json.dumps(old)
+    if case != "sdxl-v":  # the file the export wrote is this text
+        assert result.config.read_text(encoding="utf-8") == text
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert comments[0].endswith("written by embedding_trainer export-a1111") and comments[1].startswith("# source: ")
+    assert not [line for line in text.splitlines()[len(comments) :] if line.lstrip().startswith("#")]
+    schedule = new["model"]["params"]
+    if case.startswith("sdxl"):
+        schedule = schedule["denoiser_config"]["params"]["discretization_config"]["params"]
+        scaling = new["model"]["params"]["denoiser_config"]["params"]["scaling_config"]["target"]
+        assert scaling.endswith("VScaling" if case == "sdxl-v" else "EpsScaling")
+    else:
+        assert schedule["parameterization"] == ("v" if case == "sd2" else "eps")
+        assert type(new["model"]["base_learning_rate"]) is float and new["model"]["base_learning_rate"] == 1e-4
+    assert type(schedule["linear_start"]) is float and schedule["linear_start"] == 0.00085
+    assert type(schedule["linear_end"]) is float and schedule["linear_end"] == 0.012
+
+
+def test_awkward_paths_and_small_floats_survive_the_yaml(sd1_export: tuple[Path, Any], tmp_path: Path) -> None:
+    model, _ = sd1_export
+    parts = load_model_parts(model)
+    parts.vae_config = {**parts.vae_config, "scaling_factor": 1e-05}
+    parts.scheduler_config = {**parts.scheduler_config, "beta_start": 1e-4, "beta_end": 2e16}
+    folder = tmp_path / "a: b #c" / "\"quoted\" 'text' [1, 2] & * ! % @ {x}" / "ünïcode-1e3 true null"
+    text = model_config_yaml(parts, folder, None)
+    assert text.isascii()  # readable whatever encoding the host assumes
+    params = yaml.safe_load(text)["model"]["params"]
+    assert params["cond_stage_config"]["params"]["version"] == str(folder)
+    assert (params["scale_factor"], params["linear_start"], params["linear_end"]) == (1e-05, 1e-4, 2e16)
+    assert all(type(params[k]) is float for k in ("scale_factor", "linear_start", "linear_end"))
+    long = tmp_path / ("a very long folder name with spaces " * 5).strip()
+    version_lines = [line for line in model_config_yaml(parts, long, None).splitlines() if "version:" in line]
+    # One line, not folded at spaces: a moved folder's path can be edited (or replaced as text) in place.
+    assert len(version_lines) == 1 and version_lines[0].strip() == f"version: {long}"
 
 
 def test_real_sized_open_clip_towers_use_the_built_in_archs(tmp_path: Path) -> None:
