@@ -1,8 +1,8 @@
 """The one validated training configuration, built once from CLI flags, an API body or UI inputs.
 
-Each field carries its help text and allowed values, so the CLI (and later the WebUI and API) are generated
-from this single definition. ``TrainConfig.from_dict`` rejects unknown keys and names the field, the value and
-what is allowed for every error.
+Each field carries its help text and allowed values, so the command line's flags, the WebUI tab's form and the
+API's config schema are all generated from this single definition. ``TrainConfig.from_dict`` rejects unknown keys
+and names the field, the value and what is allowed for every error.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class TrainConfig:
         "needs eval_every).",
         min=0,
     )
-    # last: on the toy model's benchmark the best-scored vectors edited worse (benchmarks/RESULTS.md).
+    # last: on the toy model's benchmark the best-scored vectors were no better than the last (benchmarks/RESULTS.md).
     final_vectors: str = _f(
         "last",
         "What the finished file holds: the vectors with the best held-out score (needs eval_every), or the last "
@@ -111,7 +111,7 @@ class TrainConfig:
     max_steps: int = _f(1000, "Optimiser steps in this run (not counting steps stored in an init file).", min=1)
     # Batch 4 at 0.01 (absolute) on the toy model: in a one-seed sweep (benchmarks/RESULTS.md) it learnt every held-out
     # concept within 200 steps, where batch 1 or the WebUI's 0.005 left some unlearnt at 400. In table units
-    # (lr_scale) that rate is 0.007: the toy's table is 1.38x SD1's scale.
+    # (lr_scale) that rate is 0.007: the toy's table is 1.38x SD1's scale (level with absolute 0.01 in the ablation).
     batch_size: int = _f(4, "Images per micro-batch (out of memory? lower it, raise grad_accum).", min=1, max=256)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", min=1, max=256)
     learning_rate: str = _f(

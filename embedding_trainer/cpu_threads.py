@@ -6,7 +6,7 @@ exceeds the CPU count it makes workers sleep after a short spin, and each of the
 a step then pays a sleep and a wake-up. In a server such as the WebUI, every request thread that once ran torch
 keeps such an idle team, so a run on another thread loses much of its speed (measured in a real WebUI beside one
 idle team, benchmarks/RESULTS.md: the built-in trainer 3.1x slower with 1,897 context switches per step instead of
-0-1; our 2-thread team 816-836 switches per step, and one thread 2.6-3.0x faster than it). Two remedies here:
+0-1; our 2-thread team 821-836 switches per step, and one thread 2.60-2.95x faster than it). Two remedies here:
 
 - ``release_openmp_team()``: a thread gives its idle team back when it is done with torch, so it stops slowing
   the others (``omp_pause_resource_all``, OpenMP 5.0; a no-op where the runtime lacks it).

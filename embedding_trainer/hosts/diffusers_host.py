@@ -156,7 +156,7 @@ class DiffusersHost:
     @property
     def _unet_dtype(self) -> torch.dtype:
         # Fixed for a training session, so its steps never walk the model; diffusers' ``unet.dtype`` walks every
-        # submodule (about 1 ms per step for SD1.5).
+        # submodule (1.2 ms per call for SD1.5's UNet, 4.2 ms for SDXL's on a CPU; benchmarks/RESULTS.md).
         if self._session_dtype is not None:
             return self._session_dtype
         return next(self.unet.parameters()).dtype
