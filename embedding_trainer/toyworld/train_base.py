@@ -45,7 +45,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-
     plan = Plan.quick(args.seed) if args.quick else Plan(seed=args.seed)
     if args.images is not None:
         plan = dataclasses.replace(plan, images=args.images)
