@@ -8,8 +8,8 @@ counted; the whole command's wall time is printed beside it). On the CPU the cor
 uses all ``--cores`` threads, each of N processes ``cores / N``. On GPUs (``--device cuda``) one process uses one GPU
 and N processes N GPUs. Examples::
 
-    python benchmarks/distributed.py                              # the shipped toy model, 2 processes, CPU
-    python benchmarks/distributed.py --model /models/sd15 --device cuda --processes 4 --batch 8 --resolution 512
+    python -m benchmarks.distributed                              # the shipped toy model, 2 processes, CPU
+    python -m benchmarks.distributed --model /models/sd15 --device cuda --processes 4 --batch 8 --resolution 512
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ ones, budget 0) are written as embedding files, loaded with diffusers' ``load_te
 budget), ``learning-summary.csv`` and ``learning.png`` (reconstruction against editability, one line per method
 through its budgets, as in the textual-inversion paper). Examples::
 
-    python benchmarks/learning.py --short                 # one concept, one seed, budgets 0/25/100: a few minutes
-    python benchmarks/learning.py --out bench-out         # every concept and method, 3 seeds, 25..400 steps
-    python benchmarks/learning.py --jobs 2 --threads 1    # the same, two runs at a time (one per core)
-    python benchmarks/learning.py --own-words --out words # no training: the concepts' own words, the bound
+    python -m benchmarks.learning --short                 # one concept, one seed, budgets 0/25/100: a few minutes
+    python -m benchmarks.learning --out bench-out         # every concept and method, 3 seeds, 25..400 steps
+    python -m benchmarks.learning --jobs 2 --threads 1    # the same, two runs at a time (one per core)
+    python -m benchmarks.learning --own-words --out words # no training: the concepts' own words, the bound
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -36,8 +35,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.toyworld import learning, world  # noqa: E402

@@ -29,9 +29,9 @@ encodes chunks of 4 images while the UNet and text encoders are already on the d
 Not included: the CUDA context (~300-500 MB), the caching allocator's reserve and fragmentation, cuBLAS/cuDNN and
 attention kernels' internal workspaces, and anything outside the step (the WebUI, other models). Examples::
 
-    python benchmarks/memory_estimate.py                       # SD1.5 512 px and SDXL 1024 px, checkpointing off/on
-    python benchmarks/memory_estimate.py --models sd15 sd21 sdxl --batch 1 4 --checkpointing off on diffusers --caching
-    python benchmarks/memory_estimate.py --tiny --validate     # seconds: tiny models, fake vs real tensors
+    python -m benchmarks.memory_estimate                       # SD1.5 512 px and SDXL 1024 px, checkpointing off/on
+    python -m benchmarks.memory_estimate --models sd15 sd21 sdxl --batch 1 4 --checkpointing off on diffusers --caching
+    python -m benchmarks.memory_estimate --tiny --validate     # seconds: tiny models, fake vs real tensors
 """
 
 from __future__ import annotations
@@ -43,27 +43,23 @@ import datetime
 import itertools
 import os
 import platform
-import sys
 import time
 import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-_HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE.parent), str(_HERE)]  # the package, when run from a checkout, and archs.py beside this file
 
-import archs  # noqa: E402  (benchmarks/archs.py, beside this file)
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map_only  # noqa: E402
 
+from benchmarks import archs  # noqa: E402
 from embedding_trainer.host import ImageInfo  # noqa: E402
 from embedding_trainer.hosts import diffusers_host  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402

@@ -11,9 +11,9 @@ and alternating so background load hits both alike:
 
 It prints median seconds per step, steps/s, images/s, peak memory and ours/bare. Examples::
 
-    python benchmarks/speed.py --quick
-    python benchmarks/speed.py --arch tiny --resolution 64 --batch 1 4 --precision fp32 --checkpointing both
-    python benchmarks/speed.py --arch sd15 --resolution 512 --batch 1 4 --precision fp16 bf16 --checkpointing both
+    python -m benchmarks.speed --quick
+    python -m benchmarks.speed --arch tiny --resolution 64 --batch 1 4 --precision fp32 --checkpointing both
+    python -m benchmarks.speed --arch sd15 --resolution 512 --batch 1 4 --precision fp16 bf16 --checkpointing both
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, when run from a checkout
 
-import archs  # noqa: E402  (benchmarks/archs.py, beside this file)
 import torch  # noqa: E402
 
+from benchmarks import archs  # noqa: E402
 from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.trainer import COMPUTE_DTYPES, Callbacks, Trainer, resolve_device, resolve_precision  # noqa: E402

@@ -28,7 +28,7 @@ idles, keeping its OpenMP team alive (the case where our run cannot share a team
 ``embedding_trainer/cpu_threads.py``). ``--sdxl`` adds a second WebUI with a tiny random SDXL checkpoint: ours and
 the bound only (the built-in cannot train SDXL), at 64 px.
 
-    EMBTRAIN_WEBUI_DIR=... EMBTRAIN_WEBUI_PYTHON=... python benchmarks/webui_speed.py --idle-team --sdxl --out bench-out
+    EMBTRAIN_WEBUI_DIR=... EMBTRAIN_WEBUI_PYTHON=... python -m benchmarks.webui_speed --idle-team --sdxl --out bench-out
 """
 
 from __future__ import annotations
@@ -39,16 +39,12 @@ import json
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the WebUI launcher the real-host tier uses
+from tests.webui import MISSING, PYTHON, WEBUI, Client, running_webui, wait_finished
 
 #: The probe extension's only file; it runs inside the WebUI. Tooling for this benchmark, not the product.
 PROBE_FILE = "embtrain_bench_probe.py"
@@ -232,21 +228,6 @@ SDP_TITLE = "sdp - scaled dot product"  # the WebUI's title of its SDP attention
 OURS_TEMPLATE = "subject"  # our copy of the same prompts
 
 
-class Client:
-    def __init__(self, base: str):
-        self.base = base.rstrip("/")
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"{method} {path}: HTTP {error.code}: {error.read()[:2000]!r}") from None
-
-
 def write_photos(folder: Path, count: int = 8) -> Path:
     """The toy world's photos of a heart (a shape the shipped model has no word for), 64 px."""
     from embedding_trainer.toyworld import learning, world
@@ -294,11 +275,7 @@ def run_ours(
         body["resolution"] = resolution
     client.call("POST", "/embtrain-bench/marks/start")
     job = client.call("POST", "/embtrain/v1/runs", body)
-    while True:
-        status = client.call("GET", f"/embtrain/v1/runs/{job['id']}")
-        if not status["active"]:
-            break
-        time.sleep(0.2)
+    status = wait_finished(client, job["id"], timeout=3600, poll_s=0.2)
     marks = client.call("POST", "/embtrain-bench/marks/stop")
     if status["state"] != "finished":
         raise RuntimeError(f"our run ended {status['state']}: {status['error']}")
@@ -429,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(Client(args.url), args, work / "attached", "sd1"))
         else:
             from embedding_trainer.toyworld.learning import SHIPPED_MODEL
-            from tests.webui import MISSING, PYTHON, WEBUI, running_webui
 
             if not (WEBUI and PYTHON):
                 parser.error(MISSING)

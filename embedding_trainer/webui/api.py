@@ -22,7 +22,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, DatasetError, EmbeddingFileError
-from .jobs import PreviewOptions, RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
+from .run_manager import PreviewOptions, RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
 
 PREFIX = "/embtrain/v1"
 

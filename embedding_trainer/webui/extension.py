@@ -16,8 +16,8 @@ from ..log import logger
 from ..trainer import TrainResult, output_path
 from . import host_symbols
 from .api import basic_auth_dependency, register_routes
-from .jobs import RunManager, RunRecord
 from .previews import PreviewRenderer
+from .run_manager import RunManager, RunRecord
 from .state_bridge import SharedStateBridge
 from .tab import build_tab
 

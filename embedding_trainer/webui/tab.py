@@ -18,8 +18,9 @@ from typing import Any
 
 from ..config import NAME_PATTERN, TrainConfig, field_kind
 from ..errors import EmbeddingTrainerError
+from ..log import format_duration
 from ..templates import builtin_template_names
-from .jobs import RUN_OPTIONS, PreviewOptions, format_duration
+from .run_manager import RUN_OPTIONS, PreviewOptions
 
 TAB_TITLE = "Embedding Trainer"
 TAB_ID = "embtrain_tab"
@@ -509,7 +510,7 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
         )
 
         def do_stop():
-            from .jobs import RunNotActiveError
+            from .run_manager import RunNotActiveError
 
             try:
                 run_id = glue.manager.stop()

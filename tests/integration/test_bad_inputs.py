@@ -154,7 +154,7 @@ def test_the_api_names_the_field_and_the_fix(case: Case, tmp_path: Path) -> None
     from fastapi.testclient import TestClient
 
     from embedding_trainer.webui.api import register_routes
-    from embedding_trainer.webui.jobs import RunManager
+    from embedding_trainer.webui.run_manager import RunManager
 
     def no_host(config: Any) -> Any:
         raise AssertionError("a bad request must not reach the model")

@@ -13,14 +13,15 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learning.py"
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARK = [sys.executable, "-m", "benchmarks.learning"]  # run from the repository root
 
 
 def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--concepts", "purple", "--methods", "ours", "webui-defaults", "--seeds", "0",
+        [*BENCHMARK, "--concepts", "purple", "--methods", "ours", "webui-defaults", "--seeds", "0",
          "--budgets", "2", "--images-per-prompt", "1", "--jobs", "2", "--threads", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reconstruction" in result.stdout and "2 job(s) of 1 thread(s)" in result.stdout, result.stdout
@@ -37,20 +38,15 @@ def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
     assert all(r["leakage"] and r["held_out_loss"] for r in rows)  # leakage judged; the score of each judged vector
     assert "| ours | 2 |" in (tmp_path / "learning.md").read_text(encoding="utf-8")
     again = subprocess.run(
-        [sys.executable, str(SCRIPT), "--from-csv", str(tmp_path / "learning.csv"), "--out", str(tmp_path / "again")],
-        capture_output=True, text=True, timeout=120,
+        [*BENCHMARK, "--from-csv", str(tmp_path / "learning.csv"), "--out", str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "learning-summary.csv").read_text(encoding="utf-8") == "\n".join(summary) + "\n"
 
 
 def test_the_same_photos_check_counts_the_lowest_scores_picks_and_pairs() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import learning as bench
 
     def row(concept: str, seed: int, steps: int, loss: float, recon: float) -> dict:
         return {"concept": concept, "seed": seed, "steps": steps, "held_out_loss": loss, "reconstruction": recon}

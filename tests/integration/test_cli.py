@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
 from embedding_trainer.log import logger
-from embedding_trainer.standalone import cli
+from embedding_trainer.standalone import cli, driver
 from tests.helpers import train_args
 
 pytestmark = pytest.mark.compat
@@ -189,7 +189,7 @@ def test_progress_bar_line() -> None:
     progress = SimpleNamespace(
         step=2, total_steps=4, loss=0.5, smoothed_loss=0.25, learning_rate=0.005, it_per_s=2.0, eta_s=3725.0
     )
-    bar = cli.ProgressBar(stream, width=8)
+    bar = driver.ProgressBar(stream, width=8)
     bar(progress)
     assert stream.text == "\r[####....] 2/4 loss 0.5000 (avg 0.2500) lr 5.00e-03 2.00 it/s ETA 1:02:05  "
     bar.end_line()  # e.g. before "stopped": the next message starts on its own line
@@ -198,7 +198,7 @@ def test_progress_bar_line() -> None:
 
 def test_progress_without_a_terminal_is_a_plain_line_every_twentieth_of_the_run() -> None:
     lines = io.StringIO()  # not a terminal: a log file, a pipe, CI
-    bar = cli.ProgressBar(lines)
+    bar = driver.ProgressBar(lines)
     for step in range(1, 201):
         bar(SimpleNamespace(step=step, total_steps=200, loss=0.5, smoothed_loss=0.25, learning_rate=0.005,
                             it_per_s=20.0, eta_s=(200 - step) / 20))  # fmt: skip
@@ -207,18 +207,26 @@ def test_progress_without_a_terminal_is_a_plain_line_every_twentieth_of_the_run(
     assert text.splitlines()[0].startswith("step 10/200 loss 0.5000") and text.splitlines()[-1].startswith("step 200/")
 
 
+def test_one_duration_formatter_reads_as_a_clock_on_the_command_line_and_in_units_in_the_webui() -> None:
+    from embedding_trainer.log import format_duration
+
+    assert [format_duration(s, clock=True) for s in (5.9, 65, 3725)] == ["0:05", "1:05", "1:02:05"]
+    assert [format_duration(s) for s in (5.9, 65, 3725)] == ["6s", "1m05s", "1h02m"]
+    assert format_duration(float("inf"), clock=True) == format_duration(float("nan")) == "?"
+
+
 def stop_at_step(monkeypatch: pytest.MonkeyPatch, stop_step: int) -> None:
     """Press Ctrl-C (a real SIGINT to this process) once the run reports ``stop_step`` (it reports every step)."""
     from embedding_trainer import trainer
 
     monkeypatch.setattr(trainer, "REPORT_INTERVAL_S", 0.0)
 
-    class Bar(cli.ProgressBar):
+    class Bar(driver.ProgressBar):
         def __call__(self, p: Any) -> None:
             if p.step == stop_step:
                 signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(cli, "ProgressBar", Bar)
+    monkeypatch.setattr(driver, "ProgressBar", Bar)
 
 
 def test_ctrl_c_stops_and_resume_continues_like_an_uninterrupted_run(

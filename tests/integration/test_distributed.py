@@ -24,7 +24,7 @@ from embedding_trainer.errors import ConfigError
 from embedding_trainer.losses import denoising_loss
 from embedding_trainer.run_state import find_state, load_state
 from embedding_trainer.standalone.cli import main
-from embedding_trainer.standalone.jobs import load_jobs
+from embedding_trainer.standalone.job_files import load_jobs
 from tests.helpers import make_images
 
 #: Each torchrun launch must end within this (a 2-process run here takes 6-10 s; the killed run is stopped sooner).

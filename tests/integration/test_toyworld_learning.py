@@ -86,8 +86,8 @@ def test_the_own_words_bound_judges_the_same_prompts_with_the_concepts_words(qui
 
 
 def test_the_demo_writes_the_embedding_the_grid_and_the_scores(quick_model, tmp_path):
-    from embedding_trainer.toyworld import demo
-    from embedding_trainer.toyworld.demo import run_demo
+    from embedding_trainer.standalone import demo
+    from embedding_trainer.standalone.demo import run_demo
 
     report = run_demo(tmp_path / "demo", steps=3, model=quick_model)
     assert Path(report["embedding"]).is_file() and Path(report["grid"]).is_file()

@@ -60,8 +60,8 @@ def test_it_draws_what_it_is_told_on_prompts_it_never_saw(model: base_model.Base
         assert result["judges"][attribute] >= THRESHOLDS[attribute], (attribute, result["judges"])
 
 
-#: Steps of the learning test: in the benchmark (benchmarks/RESULTS.md) our defaults drew hearts from 25 steps on
-#: with this seed (0).
+#: Steps of the learning test: in the benchmark's first run (benchmarks/RESULTS.md, "Budgets from 25 to 400 steps")
+#: 4 vectors at batch 4, then the defaults, drew hearts from 25 steps on with this seed (0).
 BUDGET = 100
 
 

@@ -174,7 +174,7 @@ def test_the_webui_image_trains_through_the_api_and_the_trigger_works_in_txt2img
     from embedding_trainer.embedding_file import file_sha256
     from embedding_trainer.tools.export_a1111 import export_a1111
     from embedding_trainer.toyworld import learning, world
-    from tests.real_hosts.test_webui_integration import Client, ti_hashes, wait_finished
+    from tests.webui import Client, ti_hashes, wait_finished
 
     # The volumes: the WebUI's data folder with models, embeddings, outputs and run folders; the user's photos.
     data, photos = tmp_path / "data", tmp_path / "photos"

@@ -3,90 +3,40 @@
 Set ``EMBTRAIN_FORGE_DIR`` (a Forge checkout with ``repositories/huggingface_guess``; tested: commit dfdcbab6 of
 2025-06-26, version 2.0.1v1.10.1) and ``EMBTRAIN_FORGE_PYTHON`` (the Python that runs it). Forge recognises a
 checkpoint by its UNet's layout and builds the text encoders and VAE from the full-size configs it ships, so each
-test checkpoint (SD1, SD2, SDXL) has a UNet of the family's layout, as small as that allows, and full-size text encoders
-and VAE with random weights (``forge_checkpoint``). For each, the test starts Forge API-only with this repository as
-its extension, trains through ``/embtrain/v1``, and checks that every vector of every encoder moved (Forge's weights
-are inference tensors and its transformer block adds in place: the adapter must get gradients through anyway) and
-that txt2img uses the trigger at once (Forge's infotext names embeddings as ``TI: name``, without hashes; SDXL names
-it once per encoder).
+test checkpoint (SD1, SD2, SDXL) has a UNet of the family's layout, as small as that allows, and full-size text
+encoders and VAE with random weights (``forge_checkpoint`` in ``tests/webui.py``). For each, the test starts Forge
+API-only with this repository as its extension, trains through ``/embtrain/v1``, and checks that every vector of
+every encoder moved (Forge's weights are inference tensors and its transformer block adds in place: the adapter must
+get gradients through anyway) and that txt2img uses the trigger at once (Forge's infotext names embeddings as
+``TI: name``, without hashes; SDXL names it once per encoder).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from embedding_trainer.embedding_file import load_embedding
 from tests.helpers import make_images
-from tests.real_hosts.test_webui_integration import CAT, FAMILIES, Client, assert_finished_for_the_model, wait_finished
-from tests.webui import launched
-
-FORGE = os.environ.get("EMBTRAIN_FORGE_DIR")
-FORGE_PYTHON = os.environ.get("EMBTRAIN_FORGE_PYTHON")
-pytestmark = pytest.mark.skipif(
-    not (FORGE and FORGE_PYTHON), reason="set EMBTRAIN_FORGE_DIR (a Forge 2.x checkout) and EMBTRAIN_FORGE_PYTHON"
+from tests.webui import (
+    CAT,
+    FAMILIES,
+    FORGE,
+    FORGE_MISSING,
+    FORGE_PYTHON,
+    Client,
+    assert_finished_for_the_model,
+    forge_checkpoint,
+    launched,
+    wait_finished,
 )
+
+pytestmark = pytest.mark.skipif(not (FORGE and FORGE_PYTHON), reason=FORGE_MISSING)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
-    """A checkpoint Forge loads as SD1.5 or SDXL base. Forge recognises the family by the UNet's layout (SD1: 320
-    channels; SDXL: 320 channels, 2 blocks per level, 0/2/10 transformer layers) and builds the text encoders and
-    VAE from the full-size configs it ships; so the UNet is small where the layout allows (SD1 2 levels, SDXL 320
-    channels on every level) and the rest full-size, all with random weights."""
-    pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from embedding_trainer.tools.export_a1111 import export_a1111
-
-    repo = {
-        "sd1": "runwayml/stable-diffusion-v1-5",
-        "sd2": "stabilityai/stable-diffusion-2-1",
-        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    }[family]
-    configs = forge / "backend" / "huggingface" / repo
-    torch.manual_seed(0)
-    if family == "sd1":
-        unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-        )  # fmt: skip
-        encoders = {"text_encoder": CLIPTextModel}
-    elif family == "sd2":  # SD2.1's scheduler config is v-prediction; the exported yaml says so to Forge
-        unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=1024,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=5, use_linear_projection=True,
-        )  # fmt: skip
-        encoders = {"text_encoder": CLIPTextModel}
-    else:
-        unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(320, 320, 320), layers_per_block=2, cross_attention_dim=2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=5, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        )  # fmt: skip
-        encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-    parts: dict = {"unet": unet, "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))}
-    for name, model_class in encoders.items():
-        parts[name] = encoder = model_class(CLIPTextConfig.from_pretrained(configs / name))
-        # A fresh LayerNorm has bias 0, so the encoder's output would average ~0 over a prompt; the WebUIs' emphasis
-        # step divides by that mean, which then turns gradients to inf. Real CLIP's final norm has a bias.
-        final_norm = next(m for n, m in encoder.named_modules() if n.endswith("final_layer_norm"))
-        torch.nn.init.normal_(final_norm.bias, mean=0.1, std=0.2)
-        tokenizer = name.replace("text_encoder", "tokenizer")
-        parts[tokenizer] = CLIPTokenizer.from_pretrained(configs / tokenizer)
-    parts["scheduler"] = EulerDiscreteScheduler.from_pretrained(configs / "scheduler")
-    return export_a1111(parts, out, dtype=torch.float16).checkpoint
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])

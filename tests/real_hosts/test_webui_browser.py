@@ -22,8 +22,7 @@ from PIL import Image
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import EmbeddingData, save_embedding
 from tests.helpers import make_images
-from tests.real_hosts.test_forge_integration import FORGE, FORGE_PYTHON, forge_checkpoint
-from tests.webui import MISSING, PYTHON, WEBUI, launched, running_webui
+from tests.webui import FORGE, FORGE_PYTHON, MISSING, PYTHON, WEBUI, forge_checkpoint, launched, running_webui
 
 CHROMIUM = os.environ.get("EMBTRAIN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

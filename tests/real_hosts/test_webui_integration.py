@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import subprocess
 import time
 import urllib.error
@@ -29,36 +28,22 @@ from PIL import Image
 
 from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
 from tests.helpers import make_images
-from tests.webui import MISSING, PYTHON, REGISTERED, WEBUI, checkpoint_name, running_webui
+from tests.webui import (
+    CAT,
+    FAMILIES,
+    MISSING,
+    PYTHON,
+    REGISTERED,
+    WEBUI,
+    Client,
+    assert_finished_for_the_model,
+    checkpoint_name,
+    running_webui,
+    ti_hashes,
+    wait_finished,
+)
 
 pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
-
-#: Per family and encoder key: the token-embedding table in the exported checkpoint (init_text's vectors' source).
-FAMILIES = {
-    "sd1": {"clip_l": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
-    "sd2": {"clip_h": "cond_stage_model.model.token_embedding.weight"},
-    "sdxl": {
-        "clip_l": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-        "clip_g": "conditioner.embedders.1.model.token_embedding.weight",
-    },
-}
-CAT = 2368  # CLIP's token id of "cat"
-
-
-class Client:
-    def __init__(self, base: str):
-        self.base = base
-
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
-
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def webui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
@@ -73,40 +58,12 @@ def webui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield client
 
 
-def assert_finished_for_the_model(run: dict[str, Any], family: str, embedding: Path) -> Path:
-    """The run finished, its adapter saw the family, prediction type and encoders the checkpoint's config defines,
-    and the embedding is where the host keeps embeddings; returns its path."""
-    assert run["state"] == "finished", run["error"]
-    assert run["model"]["family"] == family
-    assert run["model"]["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
-    assert list(run["model"]["encoders"]) == list(FAMILIES[family])
-    path = Path(run["result"]["embedding_path"])
-    assert path == embedding and path.is_file()
-    return path
-
-
-def wait_finished(client: Client, run_id: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.request("GET", f"/embtrain/v1/runs/{run_id}")[1]
-        if status["state"] in ("finished", "stopped", "failed"):
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"run {run_id} did not finish in {timeout} s")
-
-
 def infotext(client: Client, prompt: str) -> str:
     status, reply = client.request(
         "POST", "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
     )
     assert status == 200, reply
     return json.loads(reply["info"])["infotexts"][0]
-
-
-def ti_hashes(text: str) -> list[str]:
-    """The ``TI hashes`` entries of an infotext (SDXL lists an embedding once per text encoder)."""
-    match = re.search(r'TI hashes: "([^"]*)"', text)
-    return match[1].split(", ") if match else []
 
 
 def test_the_host_loaded_the_family(webui):
@@ -287,7 +244,6 @@ def test_api_auth_and_early_checks_as_a_client_of_the_real_host_sees_them(tmp_pa
 
 _THEIR_CARD = """
 import sys
-sys.path.insert(0, ".")
 import torch
 from PIL import Image, PngImagePlugin
 from modules.textual_inversion.image_embedding import embedding_to_b64, insert_image_data_embed

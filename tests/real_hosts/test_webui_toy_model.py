@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.real_hosts.test_webui_integration import Client, wait_finished
-from tests.webui import MISSING, PYTHON, WEBUI, running_webui
+from tests.webui import MISSING, PYTHON, WEBUI, Client, running_webui, wait_finished
 
 pytest.importorskip("diffusers")
 

@@ -3,33 +3,24 @@ allocates, it emulates CUDA's autocast, and gradient checkpointing lowers what i
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_estimate.py"
-
 
 @pytest.fixture(scope="module")
 def me() -> Iterator[ModuleType]:
-    """The benchmark script as a module (benchmarks/ is not a package), with diffusers' cast warnings quiet."""
+    """The benchmark as a module, with diffusers' cast warnings quiet."""
     from diffusers.utils import logging
 
-    spec = importlib.util.spec_from_file_location("memory_estimate", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_estimate"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
+    from benchmarks import memory_estimate
+
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
-    yield module
+    yield memory_estimate
     logging.set_verbosity(verbosity)
-    sys.modules.pop("memory_estimate", None)
 
 
 def test_weights_are_two_bytes_per_parameter_in_fp16(me: ModuleType):

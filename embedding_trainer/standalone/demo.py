@@ -25,8 +25,9 @@ from ..config import TrainConfig
 from ..embedding_file import EmbeddingData, save_embedding
 from ..log import logger
 from ..tools.drawing import label_font, wrap_text
-from . import learning, world
-from .base_model import load_model, sample
+from ..toyworld import learning, world
+from ..toyworld.base_model import load_model, sample
+from .driver import run_training
 
 CELL = 128  # pixels per image in the grid (the world's 64 px images, doubled)
 LABEL_WIDTH = 340
@@ -45,9 +46,8 @@ def run_demo(
     overwrite: bool = False,
 ) -> dict[str, object]:
     from ..initialization import vectors_from_text
-    from ..standalone.cli import run_training
+    from ..toyworld.judges import load_judges
     from ..trainer import check_output_free
-    from .judges import load_judges
 
     if not (Path(model) / "model_index.json").is_file():
         raise FileNotFoundError(f"{model}: no toy model there (model_index.json is missing)")

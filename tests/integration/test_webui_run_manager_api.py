@@ -31,9 +31,9 @@ from embedding_trainer.errors import ConfigError, HostError  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.tools.tiny_models import build_tiny_components  # noqa: E402
 from embedding_trainer.trainer import Progress  # noqa: E402
-from embedding_trainer.webui import jobs  # noqa: E402
+from embedding_trainer.webui import run_manager  # noqa: E402
 from embedding_trainer.webui.api import basic_auth_dependency, register_routes  # noqa: E402
-from embedding_trainer.webui.jobs import (  # noqa: E402
+from embedding_trainer.webui.run_manager import (  # noqa: E402
     RunActiveError,
     RunManager,
     RunNotFoundError,
@@ -256,12 +256,12 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
 
 
 def test_the_loss_history_keeps_only_the_newest_points(tmp_path, api, monkeypatch):
-    monkeypatch.setattr(jobs, "LOSS_HISTORY_POINTS", 3)
+    monkeypatch.setattr(run_manager, "LOSS_HISTORY_POINTS", 3)
     _, manager = api()
     status = manager.start_sync(body(tmp_path, max_steps=5))
     assert status["state"] == "finished", status["error"]
     assert [point[0] for point in status["loss_history"]] == [3, 4, 5]
-    assert jobs.RunRecord(id="x", config=TrainConfig()).loss_history.maxlen == 3
+    assert run_manager.RunRecord(id="x", config=TrainConfig()).loss_history.maxlen == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

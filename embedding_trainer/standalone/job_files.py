@@ -28,8 +28,9 @@ from ..config import TrainConfig
 from ..distributed import JobQueue, Processes
 from ..embedding_file import write_atomically
 from ..errors import ConfigError, EmbeddingTrainerError
-from ..log import logger
+from ..log import format_duration, logger
 from ..run_state import STATE_SUFFIX
+from .driver import ProgressBar, load_host
 
 #: Left in a job's run folder when the job has finished; a later run of the job file skips the job.
 JOB_RESULT = "job-result.json"
@@ -121,8 +122,6 @@ class _Hosts:
         self.host: Any = None
 
     def get(self, model: str, device: Any, precision: str) -> Any:
-        from .cli import load_host
-
         key = (str(Path(model).resolve()), str(device), precision)
         if key != self.key:
             self.host = self.key = None  # free the previous model first
@@ -172,7 +171,6 @@ def _plan(config: TrainConfig, head: str) -> tuple[TrainConfig | None, str]:
 def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_stop: Any) -> JobResult:
     """One job as an ordinary run on this process's device; never raises for the job's own failures."""
     from ..trainer import Callbacks, Trainer, resolve_device, resolve_precision
-    from .cli import ProgressBar, _duration
 
     head = f"job {job.line}" if job.label == f"line {job.line}" else f"job '{job.label}' (line {job.line})"
     result = JobResult(line=job.line, name=job.label, status="failed", process=processes.rank)
@@ -213,7 +211,7 @@ def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_st
         result.final_loss = outcome.final_loss if math.isfinite(outcome.final_loss) else None
         result.held_out_loss = outcome.held_out_loss
         logger.info("%s %s after %d steps in %s: %s", head, result.status, result.steps,
-                    _duration(time.perf_counter() - started), result.embedding)  # fmt: skip
+                    format_duration(time.perf_counter() - started, clock=True), result.embedding)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a failed job is recorded and the others go on
         known = isinstance(error, (EmbeddingTrainerError, OSError))
         result.status = "failed"

@@ -23,7 +23,7 @@ import torch
 from ..config import TrainConfig, field_kind
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..host import Host
-from ..log import logger
+from ..log import format_duration, logger
 from ..trainer import Callbacks, Progress, Trainer, TrainResult, check_inputs, check_output_free
 
 T = TypeVar("T")
@@ -622,19 +622,6 @@ def progress_text(progress: Progress) -> str:
         f"step {progress.step}/{progress.total_steps}, loss {progress.loss:.4g} "
         f"(smoothed {progress.smoothed_loss:.4g}), {progress.it_per_s:.2f} it/s, {eta} left"
     )
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def config_schema() -> dict[str, Any]:
