@@ -37,10 +37,11 @@ def clip_tokenizer(pad_token: str) -> Any:
     """A real ``CLIPTokenizer`` over CLIP's own vocabulary (built offline), padding with ``pad_token``."""
     from transformers import CLIPTokenizer
 
-    folder = write_tokenizer_files(Path(tempfile.mkdtemp(prefix="embtrain-tok-")))
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
-    )
+    with tempfile.TemporaryDirectory(prefix="embtrain-tok-") as scratch:  # read whole by the constructor
+        folder = write_tokenizer_files(Path(scratch))
+        return CLIPTokenizer(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
+        )
 
 
 def _text_encoder(width: int, openclip: bool, with_projection: bool, mlp_ratio: int = 2) -> Any:

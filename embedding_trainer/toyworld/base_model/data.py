@@ -52,7 +52,7 @@ def training_images(plan: Plan, state_dir: Path, workers: int = 1) -> np.ndarray
         logger.info("%s was rendered by a different world.py: rendering again", path)
     started = time.monotonic()
     images = render_images(plan.seed, 0, plan.images, workers)
-    save_atomically(path, lambda p: np.save(p, images))
+    save_atomically(path, lambda f: np.save(f, images))
     logger.info("rendered %d training images in %.0f s", plan.images, time.monotonic() - started)
     return images
 

@@ -4,27 +4,26 @@ written by the project's ``save_components`` (weights in fp16, with ``training_r
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from ...embedding_file import write_atomically
 from .architecture import build_scheduler, build_vae
 from .plan import BaseModelError, Plan, check_plan
 
 
-def save_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def save_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """A stage's file replaced whole (a killed stage leaves the previous checkpoint readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    write(tmp)
-    os.replace(tmp, path)
+    write_atomically(path, write, overwrite=True)
 
 
 def torch_save(obj: Any, path: Path) -> None:
-    save_atomically(path, lambda p: torch.save(obj, p))
+    save_atomically(path, lambda f: torch.save(obj, f))
 
 
 def torch_load(path: Path) -> Any:
