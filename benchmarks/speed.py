@@ -3,9 +3,9 @@
 For every (arch, resolution, batch, precision, gradient checkpointing) combination this measures, in one process
 and alternating so background load hits both alike:
 
-* ours: the real ``Trainer(config, host).run()`` on a generated image folder, per-step wall times taken from the
-  progress callback (what a user gets: prompt building, tokenising, both text encoders forward and backward, the
-  UNet, the loss, AdamW, the per-step checks and the loss log);
+* ours: the real ``Trainer(prepare_run(config), host).run()`` on a generated image folder, per-step wall times taken
+  from the progress callback (what a user gets: prompt building, tokenising, both text encoders forward and backward,
+  the UNet, the loss, AdamW, the per-step checks and the loss log);
 * bare: the UNet forward with the same shapes and dtype plus the backward to ``encoder_hidden_states`` only (UNet
   frozen, no text encoder, no data) -- the least any textual-inversion step can cost.
 
@@ -44,7 +44,14 @@ import torch  # noqa: E402
 from benchmarks import archs  # noqa: E402
 from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
-from embedding_trainer.trainer import COMPUTE_DTYPES, Callbacks, Trainer, resolve_device, resolve_precision  # noqa: E402
+from embedding_trainer.trainer import (  # noqa: E402
+    COMPUTE_DTYPES,
+    Callbacks,
+    Trainer,
+    prepare_run,
+    resolve_device,
+    resolve_precision,
+)
 
 
 # -- memory ------------------------------------------------------------------------------------------------
@@ -123,9 +130,9 @@ class OurStep:
         self.marks: list[float] = []
         # on_step comes right after every step (on_progress comes in bursts, at the loop's reports).
         callbacks = Callbacks(on_status=self._on_status, on_step=lambda *_: self.marks.append(time.perf_counter()))
-        self.trainer = Trainer(config, host, callbacks)
+        self.trainer = Trainer(prepare_run(config), host, callbacks)
         self.device = host.device
-        self.trainer._fill_cache()  # encode the latents now, so no measurement includes the one-off VAE pass
+        self.trainer.objective.fill_cache()  # encode the latents now, so no measurement includes the one-off VAE pass
 
     def _on_status(self, text: str) -> None:
         if text == "training":  # the step loop starts right after this

@@ -1,7 +1,8 @@
 """Training images: scanning a folder, loading images and captions, aspect buckets and the per-epoch sample plan.
 
 Scanning validates every file up front (decodes it once) and reports each unusable file with the reason and the
-fix, instead of skipping it silently mid-run. The epoch plan is a pure function of (seed, epoch index), so a
+fix, instead of skipping it silently mid-run; a scan for a run keeps what it decoded for the run's training set, so a
+run decodes each image once. The epoch plan is a pure function of (seed, epoch index), so a
 resumed run replays exactly the batches the interrupted one would have seen.
 """
 
@@ -14,7 +15,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +60,39 @@ class DatasetProblem:
         return f"{self.path}: {self.message}"
 
 
+#: A decoded image: RGB (upright) and its alpha mask or None, as ``load_image`` returns them.
+Decoded = tuple[Image.Image, "Image.Image | None"]
+#: A file's size and modification time (nanoseconds), or None when it is missing: what tells a changed file.
+Stamp = tuple[int, int] | None
+
+
 @dataclass
 class ScanResult:
     records: list[ImageRecord]
     problems: list[DatasetProblem]
+    #: Decoded images by record index (``scan_dataset(keep_bytes=...)``): the training set built from this scan takes
+    #: each once instead of decoding the file again.
+    pixels: dict[int, Decoded] = field(default_factory=dict)
+    #: Every image file seen and its caption file, with their stamps when scanned (see :meth:`unchanged`).
+    stamps: dict[Path, Stamp] = field(default_factory=dict)
+    folder: Path | None = None
+    recursive: bool = False
 
     @property
     def captioned(self) -> int:
         """How many of the usable images have a caption file (the others' captions come from file names)."""
         return sum(1 for record in self.records if record.has_caption_file)
+
+    def unchanged(self) -> bool:
+        """Whether the folder holds the same image and caption files, of the same sizes and times, as when it was
+        scanned: a listing and a stat per file, nothing decoded."""
+        if self.folder is None:
+            return False
+        try:
+            images = [p for p in _list_files(self.folder, self.recursive) if _is_image(p)]
+        except OSError:
+            return False
+        return _stamps(images) == self.stamps
 
 
 class _Problem(Exception):
@@ -211,6 +236,22 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _stamp(path: Path) -> Stamp:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _stamps(images: list[Path]) -> dict[Path, Stamp]:
+    stamps: dict[Path, Stamp] = {}
+    for path in images:
+        stamps[path] = _stamp(path)
+        stamps[path.with_suffix(".txt")] = _stamp(path.with_suffix(".txt"))
+    return stamps
+
+
 def _list_files(folder: Path, recursive: bool) -> list[Path]:
     """Every non-hidden file under ``folder`` (sorted by relative path), following folder links once."""
     if not recursive:
@@ -228,10 +269,14 @@ def _list_files(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
-def scan_dataset(folder: str | os.PathLike[str], *, recursive: bool = False, min_images: int = 1) -> ScanResult:
+def scan_dataset(
+    folder: str | os.PathLike[str], *, recursive: bool = False, min_images: int = 1, keep_bytes: int = 0
+) -> ScanResult:
     """Find, decode and caption every image in ``folder``; unusable files are returned as problems.
 
-    Raises ``DatasetError`` when the folder is missing, holds no images, or fewer than ``min_images`` usable ones.
+    ``keep_bytes``: keep decoded images, up to that many bytes of pixels, in ``pixels`` for a training set (a run's
+    scan; a check keeps none). Raises ``DatasetError`` when the folder is missing, holds no images, or fewer than
+    ``min_images`` usable ones.
     """
     folder = Path(folder).expanduser()
     if min_images < 1:
@@ -254,6 +299,9 @@ def scan_dataset(folder: str | os.PathLike[str], *, recursive: bool = False, min
 
     records: list[ImageRecord] = []
     problems: list[DatasetProblem] = []
+    stamps = _stamps(images)  # before decoding: a file changed meanwhile looks changed to ``unchanged``
+    pixels: dict[int, Decoded] = {}
+    kept_bytes = 0
     for path in images:
         try:
             rgb, alpha = _load_checked(path)
@@ -267,6 +315,10 @@ def scan_dataset(folder: str | os.PathLike[str], *, recursive: bool = False, min
         except _Problem as e:
             problems.append(DatasetProblem(path, str(e)))  # the caller reports them (a run: as its warnings)
             continue
+        nbytes = width * height * (4 if alpha is not None else 3)
+        if kept_bytes + nbytes <= keep_bytes:
+            pixels[len(records)] = (rgb, alpha)
+            kept_bytes += nbytes
         records.append(
             ImageRecord(
                 path=path,
@@ -284,7 +336,7 @@ def scan_dataset(folder: str | os.PathLike[str], *, recursive: bool = False, min
             f"images: only {len(records)} readable image(s) in '{folder}', at least {min_images} needed (min_images)."
             f"{skipped}Fix: repair or remove the files listed, add more images, or lower min_images."
         )
-    return ScanResult(records=records, problems=problems)
+    return ScanResult(records, problems, pixels, stamps, folder, recursive)
 
 
 def _no_images_message(folder: Path, files: list[Path], recursive: bool) -> str:
@@ -392,7 +444,10 @@ class TrainingSet:
         repeats: int = 1,
         use_alpha_mask: bool = False,
         cache_bytes: int = 256 * 2**20,
+        decoded: dict[int, Decoded] | None = None,
     ) -> None:
+        """``decoded``: images the scan decoded already, by record index (``ScanResult.pixels``); each is taken out
+        of it when first rendered, so it is not decoded again."""
         if not records:
             raise DatasetError("images: the training set is empty; scan a folder with at least one image")
         if resolution < MIN_SIDE:
@@ -417,6 +472,7 @@ class TrainingSet:
         self._cache: OrderedDict[int, _Resized] = OrderedDict()
         self._cache_bytes = max(0, cache_bytes)
         self._cached_bytes = 0
+        self._decoded = decoded if decoded is not None else {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -495,7 +551,8 @@ class TrainingSet:
             self._cache.move_to_end(index)
             return hit
         record = self.records[index]
-        rgb, alpha = load_image(record.path)
+        decoded = self._decoded.pop(index, None)  # held once: the resized copy is what stays
+        rgb, alpha = decoded if decoded is not None else load_image(record.path)
         if not self.use_alpha_mask:
             alpha = None
         width, height = rgb.size

@@ -6,7 +6,6 @@ The front ends (``cli.py``, ``job_files.py``, ``demo.py``) import this module; i
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -135,20 +134,13 @@ def run_training(
     """
     from ..distributed import Processes
     from ..run_state import STATE_SUFFIX
-    from ..trainer import (
-        Callbacks,
-        Trainer,
-        check_inputs,
-        check_output_free,
-        resolve_device,
-        resolve_precision,
-    )
+    from ..trainer import Callbacks, Trainer, prepare_run
 
     processes = processes or Processes()
-    config.require_for_training()
-    device = resolve_device(processes.device(config.device))
-    precision = resolve_precision(config.precision, device)
-    processes.join(device)
+    # Checked and read before minutes of model loading; the model is loaded where the run was prepared for.
+    prepared = prepare_run(config, processes, device=config.device)
+    assert prepared.placement is not None  # prepared with a device
+    device, precision = prepared.placement.device, prepared.placement.precision
     stop = StopSignals(processes)
     bar = ProgressBar() if show_progress and processes.writes_files else None
 
@@ -161,19 +153,13 @@ def run_training(
     trainer: Trainer | None = None
     problem: BaseException | None = None
     try:
-        check_output_free(config)  # before minutes of model loading
-        check_inputs(config)
         where = f" in {processes.world_size} processes (this is {processes.rank})" if processes.distributed else ""
         host = load_host(model, device, precision, where)
-        trainer = Trainer(config, host, callbacks, processes)
+        trainer = Trainer(prepared, host, callbacks)
     except Exception as error:  # noqa: BLE001 - every process must hear of it (agree raises it again)
         problem = error
     processes.agree(problem, "setting up the run")  # a process that failed raises; the others name it
     assert trainer is not None
-    processes.check_same(
-        json.dumps([[str(r.path), r.size] for r in trainer.scan.records]) + config.to_json(),
-        "training images or settings",
-    )
     logger.info("%s", trainer.describe())
     with stop:
         try:

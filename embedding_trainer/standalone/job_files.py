@@ -170,7 +170,7 @@ def _plan(config: TrainConfig, head: str) -> tuple[TrainConfig | None, str]:
 
 def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_stop: Any) -> JobResult:
     """One job as an ordinary run on this process's device; never raises for the job's own failures."""
-    from ..trainer import Callbacks, Trainer, resolve_device, resolve_precision
+    from ..trainer import Callbacks, Trainer, prepare_run
 
     head = f"job {job.line}" if job.label == f"line {job.line}" else f"job '{job.label}' (line {job.line})"
     result = JobResult(line=job.line, name=job.label, status="failed", process=processes.rank)
@@ -187,16 +187,18 @@ def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_st
             logger.info("%s: %s, skipped", head, what)
             result.status, result.embedding = "skipped", what.split(": ", 1)[1]
             return result
-        device = resolve_device(processes.device(config.device))
-        precision = resolve_precision(config.precision, device)
-        host = hosts.get(job.model, device, precision)
+        # Checked and read before the model loads; this process's device (a job trains in one process).
+        prepared = prepare_run(config, device=processes.device(config.device))
+        assert prepared.placement is not None  # prepared with a device
+        device = prepared.placement.device
+        host = hosts.get(job.model, device, prepared.placement.precision)
         if should_stop():  # asked while the model loaded
             result.status = "not started"
             return result
         logger.info("%s of %d: %s", head, count, what)
         callbacks = Callbacks(on_progress=bar, should_stop=should_stop, on_warning=result.warnings.append)
         try:
-            trainer = Trainer(config, host, callbacks)
+            trainer = Trainer(prepared, host, callbacks)
         except ConfigError as error:
             if not config.resume or job.config.resume:
                 raise

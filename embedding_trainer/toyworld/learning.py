@@ -28,7 +28,7 @@ import torch
 
 from ..config import TrainConfig
 from ..embedding_file import EmbeddingData, save_embedding
-from ..trainer import Callbacks, Trainer
+from ..trainer import Callbacks, Trainer, prepare_run
 from . import base_model, world
 from .base_model import BaseModel, sample
 
@@ -278,7 +278,7 @@ def train_concept(
             kept[step] = {k: v.detach().cpu().clone() for k, v in vectors.items()}
 
     callbacks = Callbacks(on_step=on_step, on_progress=on_progress)
-    trainer = Trainer(config, host, callbacks)
+    trainer = Trainer(prepare_run(config), host, callbacks)
     result = trainer.run()
     kept[0] = {k: v.detach().cpu().clone() for k, v in trainer.initial_vectors.items()}
     steps: dict[int, int] = {0: 0}

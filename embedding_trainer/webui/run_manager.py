@@ -24,7 +24,7 @@ from ..config import TrainConfig, field_kind
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..host import Host
 from ..log import format_duration, logger
-from ..trainer import Callbacks, Progress, Trainer, TrainResult, check_inputs, check_output_free
+from ..trainer import Callbacks, PreparedRun, Progress, Trainer, TrainResult, prepare_run
 
 T = TypeVar("T")
 
@@ -275,10 +275,10 @@ class RunManager:
         Raises ``ConfigError`` (naming the field) for an invalid config and ``RunActiveError`` while another run
         is active. Everything that goes wrong after this returns is reported on the run's record.
         """
-        record = self._create(config, preview)
+        record, prepared = self._create(config, preview)
         launch = launch or new_thread_launcher(f"embtrain-run-{record.id}")
         try:
-            launch(lambda: self._run(record, True))
+            launch(lambda: self._run(record, prepared, True))
         except BaseException as error:  # e.g. "can't start new thread"
             self._fail(record, error)
             self._finalize(record)
@@ -300,8 +300,8 @@ class RunManager:
         Validation errors and ``RunActiveError`` are raised; errors during the run end up in the status.
         ``task_id``: the caller's WebUI task, recorded so the page that started the run can find it.
         """
-        record = self._create(config, preview, task_id)
-        self._run(record, exclusive)
+        record, prepared = self._create(config, preview, task_id)
+        self._run(record, prepared, exclusive)
         return self.status(record.id)
 
     # -- control and queries -------------------------------------------------------------------------------
@@ -372,16 +372,15 @@ class RunManager:
 
     def _create(
         self, config: TrainConfig | dict[str, Any], preview: PreviewOptions | None, task_id: str | None = None
-    ) -> RunRecord:
+    ) -> tuple[RunRecord, PreparedRun]:
         if isinstance(config, TrainConfig):
             config = config.replace()  # a private, re-validated copy: later changes by the caller do not leak in
         elif isinstance(config, dict):
             config = TrainConfig.from_dict(self._config_defaults(config) if self._config_defaults else config)
         else:
             raise ConfigError("config", f"expected a TrainConfig or an object of fields, got {type(config).__name__}")
-        config.require_for_training()
-        check_output_free(config)  # refuse at once rather than after the model and images are prepared
-        check_inputs(config)
+        # Refuse at once rather than when the run starts; the images read here are not read again.
+        prepared = prepare_run(config)
         preview = preview or PreviewOptions()
         if preview.every and self._preview is None:
             raise ConfigError("preview_every", "previews are not available here; use 0")
@@ -399,7 +398,7 @@ class RunManager:
             self._active = record.id
             self._trim()
         logger.info("run %s queued: '%s', %d steps", record.id, config.name, config.max_steps)
-        return record
+        return record, prepared
 
     def _trim(self) -> None:
         while len(self._records) > self._history_limit:
@@ -408,12 +407,12 @@ class RunManager:
                 return
             del self._records[oldest]
 
-    def _run(self, record: RunRecord, exclusive: bool) -> None:
+    def _run(self, record: RunRecord, prepared: PreparedRun, exclusive: bool) -> None:
         try:
             if exclusive:
-                self._run_exclusively(lambda: self._execute(record))
+                self._run_exclusively(lambda: self._execute(record, prepared))
             else:
-                self._execute(record)
+                self._execute(record, prepared)
         except BaseException as error:  # run_exclusively itself failed, or an interpreter exit
             self._fail(record, error)
             if not isinstance(error, Exception):
@@ -421,7 +420,7 @@ class RunManager:
         finally:
             self._finalize(record)
 
-    def _execute(self, record: RunRecord) -> None:
+    def _execute(self, record: RunRecord, prepared: PreparedRun) -> None:
         """The run itself, under the queue lock: never raises an ``Exception``, records it instead."""
         with self._lock:
             if record.state != "queued":  # stopped while it waited for the lock
@@ -437,7 +436,8 @@ class RunManager:
             host = self._make_host(record.config)
             with self._lock:
                 record.model = describe_model(host)
-            trainer = Trainer(record.config, host, self._callbacks(record))
+            prepared = prepared.recheck()  # the files may have changed while it waited: a stat each, no decoding
+            trainer = Trainer(prepared, host, self._callbacks(record))
             with self._lock:
                 record.config = trainer.config  # with what the run resolved (the checkpoint's resolution)
             outcome = trainer.run()

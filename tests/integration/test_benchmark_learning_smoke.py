@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK = [sys.executable, "-m", "benchmarks.learning"]  # run from the repository root
 
 
+@pytest.mark.slow
 def test_learning_benchmark_writes_table_csv_and_plot(tmp_path: Path) -> None:
     result = subprocess.run(
         [*BENCHMARK, "--concepts", "purple", "--methods", "ours", "webui-defaults", "--seeds", "0",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import re
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_ratios(tmp_path: Path):
     csv_path = tmp_path / "speed.csv"
     # One torch thread: on a shared 2-core machine two threads can make the tiny steps 10x slower.

@@ -147,6 +147,7 @@ def test_job_file_lines_are_checked_one_by_one(tmp_path: Path, images: Path):
 
 
 # -- under torchrun --------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a real torchrun launch
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, tiny_model_dirs, images: Path):
     """Batch 3 over 2 processes (uneven shares: 2 + 1 rows), 2 micro-batches per step, offset noise and min-SNR
     weights: the 2-process run writes the files one process writes, with the same vectors (within tolerance); a
@@ -184,6 +185,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, t
     assert_close(vectors(one / "out/my-cat.safetensors"), vectors(half / "out/my-cat.safetensors"))
 
 
+@pytest.mark.slow  # a real torchrun launch
 def test_two_processes_match_one_with_buckets_random_crops_and_masks(tmp_path: Path, tiny_model_dirs):
     """Aspect buckets (a short last batch leaves one process without rows), random crops (images encoded every
     step, each process only its rows) and alpha masks."""
@@ -205,6 +207,7 @@ def test_two_processes_match_one_with_buckets_random_crops_and_masks(tmp_path: P
     assert_close(vectors(tmp_path / "one/out/my-cat.safetensors"), vectors(tmp_path / "two/out/my-cat.safetensors"))
 
 
+@pytest.mark.slow  # a real torchrun launch
 def test_an_error_in_one_process_ends_every_process_with_its_reason(tmp_path: Path, tiny_model_dirs):
     """One image's caption is too long for the trigger's vectors: whichever process draws it fails, and the other
     says which process failed instead of waiting for it."""
@@ -223,6 +226,7 @@ def test_an_error_in_one_process_ends_every_process_with_its_reason(tmp_path: Pa
     assert "lost the other processes" not in output  # it did not have to notice a dead peer
 
 
+@pytest.mark.slow  # a real torchrun launch
 def test_a_stop_asked_of_one_process_stops_both_after_the_same_step(tmp_path: Path, tiny_model_dirs, images: Path):
     model = tiny_model_dirs("sd1")
     launcher = torchrun(*run_args(model, images, tmp_path, "--max-steps", "5000", "--batch-size", "2"), cwd=tmp_path)
@@ -240,6 +244,7 @@ def test_a_stop_asked_of_one_process_stops_both_after_the_same_step(tmp_path: Pa
     assert embedding.step == step  # both processes stopped after the step that was saved: no hang, no mismatch
 
 
+@pytest.mark.slow  # a real torchrun launch
 def test_killing_one_process_ends_the_run_with_a_clear_error_and_keeps_what_was_saved(
     tmp_path: Path, tiny_model_dirs, images: Path
 ):
@@ -265,6 +270,7 @@ def test_killing_one_process_ends_the_run_with_a_clear_error_and_keeps_what_was_
     assert load_embedding(tmp_path / "out/my-cat.safetensors").step == step + 2
 
 
+@pytest.mark.slow  # a real torchrun launch
 def test_a_job_file_spreads_over_two_processes_and_a_bad_job_does_not_stop_the_rest(
     tmp_path: Path, tiny_model_dirs, images: Path, monkeypatch
 ):
@@ -332,6 +338,7 @@ def _descendants(pid: int) -> list[int]:
     return found + [grandchild for child in found for grandchild in _descendants(child)]
 
 
+@pytest.mark.slow  # a real torchrun launch
 def test_a_stopped_job_file_keeps_every_job_and_goes_on_where_it_stopped(
     tmp_path: Path, tiny_model_dirs, images: Path, monkeypatch
 ):

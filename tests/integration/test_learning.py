@@ -24,7 +24,7 @@ from embedding_trainer.host import ImageInfo
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.losses import add_noise, prediction_target
 from embedding_trainer.tools.tiny_models import build_tiny_components
-from embedding_trainer.trainer import Trainer
+from embedding_trainer.trainer import Trainer, prepare_run
 
 pytestmark = pytest.mark.compat
 
@@ -122,7 +122,7 @@ def test_training_recovers_most_of_a_planted_concept(tmp_path: Path, planted):
         run_dir=str(tmp_path / "run"),
         device="cpu",
     )
-    trainer = Trainer(config, host)
+    trainer = Trainer(prepare_run(config), host)
     loss_init = trainer.held_out_loss(trainer.vectors, batches=16)
     loss_star = trainer.held_out_loss(v_star, batches=16)
     # The concept must be planted for real: v* explains the images far better than the init vector.

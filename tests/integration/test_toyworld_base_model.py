@@ -196,6 +196,7 @@ def test_erasing_the_held_out_words_restores_exactly_their_initial_rows() -> Non
         assert not set(base_model.world.caption_words(case.prompt)) & set(ids)
 
 
+@pytest.mark.slow
 def test_the_training_command_judges_regular_and_held_out_prompts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -26,6 +26,7 @@ def quick_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(base_model.train(base_model.Plan.quick(seed=1), out)["model"])
 
 
+@pytest.mark.slow
 def test_a_budget_curve_comes_from_one_run_and_every_point_is_judged(quick_model, tmp_path):
     model, host = base_model.load_model(quick_model), DiffusersHost.from_pretrained(quick_model)
     concept = world.HELD_OUT_CONCEPTS["moon"]
@@ -74,6 +75,7 @@ def test_an_erased_word_comes_back_after_embeddings_were_loaded_and_unloaded(qui
     assert np.array_equal(model.text_encoder.get_input_embeddings().weight[ids].detach(), before)
 
 
+@pytest.mark.slow
 def test_the_own_words_bound_judges_the_same_prompts_with_the_concepts_words(quick_model):
     model = base_model.load_model(quick_model)
     concept = world.HELD_OUT_CONCEPTS["striped_circle"]
@@ -85,6 +87,7 @@ def test_the_own_words_bound_judges_the_same_prompts_with_the_concepts_words(qui
         learning.score_own_words(model, load_judges(), world.HELD_OUT_CONCEPTS["heart"])
 
 
+@pytest.mark.slow
 def test_the_demo_writes_the_embedding_the_grid_and_the_scores(quick_model, tmp_path):
     from embedding_trainer.standalone import demo
     from embedding_trainer.standalone.demo import run_demo

@@ -52,6 +52,7 @@ def test_its_text_encoder_has_no_words_for_the_held_out_concepts(model: base_mod
     assert (shipped[kept] - initial[kept]).norm(dim=1).min() > 0.1
 
 
+@pytest.mark.slow
 def test_it_draws_what_it_is_told_on_prompts_it_never_saw(model: base_model.BaseModel) -> None:
     exclude = {c for variants in base_model.training_captions(base_model.Plan()) for c in variants}
     result = base_model.evaluate_samples(model, 48, exclude=exclude, seed=11)
@@ -65,6 +66,7 @@ def test_it_draws_what_it_is_told_on_prompts_it_never_saw(model: base_model.Base
 BUDGET = 100
 
 
+@pytest.mark.slow
 def test_a_short_textual_inversion_run_teaches_it_the_held_out_heart(
     model: base_model.BaseModel, tmp_path: Path
 ) -> None:

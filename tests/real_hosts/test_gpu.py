@@ -10,7 +10,7 @@ import torch
 from embedding_trainer.config import TrainConfig
 from embedding_trainer.embedding_file import load_embedding
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
-from embedding_trainer.trainer import COMPUTE_DTYPES, Trainer
+from embedding_trainer.trainer import Trainer, prepare_run
 from tests.helpers import make_images
 
 pytestmark = [
@@ -24,7 +24,6 @@ pytestmark = [
 def test_mixed_precision_trains_fp32_vectors_on_cuda(tmp_path, tiny_model_dirs, family, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    host = DiffusersHost.from_pretrained(tiny_model_dirs(family), device="cuda", dtype=COMPUTE_DTYPES[precision])
     make_images(tmp_path / "images", count=4)
     config = TrainConfig(
         name="my-cat",
@@ -38,7 +37,11 @@ def test_mixed_precision_trains_fp32_vectors_on_cuda(tmp_path, tiny_model_dirs, 
         run_dir=str(tmp_path / "run"),
         device="cuda",
     )
-    trainer = Trainer(config, host)
+    prepared = prepare_run(config, device=config.device)
+    where = prepared.placement  # as the command line does: the model is loaded where the run was prepared for
+    assert where is not None and (where.device.type, where.precision) == ("cuda", precision)
+    host = DiffusersHost.from_pretrained(tiny_model_dirs(family), device=where.device, dtype=where.dtype)
+    trainer = Trainer(prepared, host)
     init = {k: v.clone() for k, v in trainer.vectors.items()}
     result = trainer.run()
     assert result.steps == 5 and math.isfinite(result.final_loss)

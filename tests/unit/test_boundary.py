@@ -1,9 +1,9 @@
 """The core's dependency boundary, the package data, and the library logger's manners.
 
-The core (the modules directly in ``embedding_trainer/``) runs inside the WebUI, so it may import only torch,
-numpy, PIL, safetensors, the standard library and other core modules; model-specific code lives in the
-subpackages ``hosts/``, ``standalone/`` and ``toyworld/`` (the toy base model is built with diffusers), which the
-core never imports. It never prints, and its logger stays silent until an application attaches a handler.
+The core (the modules directly in ``embedding_trainer/`` and the ``trainer/`` package) runs inside the WebUI, so it
+may import only torch, numpy, PIL, safetensors, the standard library and other core modules; model-specific code
+lives in the subpackages ``hosts/``, ``standalone/`` and ``toyworld/`` (the toy base model is built with diffusers),
+which the core never imports. It never prints, and its logger stays silent until an application attaches a handler.
 """
 
 from __future__ import annotations
@@ -28,16 +28,31 @@ PACKAGE = Path(embedding_trainer.__file__).parent
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors"}
 #: ``python -m embedding_trainer`` must dispatch to the CLI; it is an entry point, not part of the core.
 ENTRY_POINTS = {"__main__.py"}
-SUBPACKAGES = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
-CORE_FILES = sorted(p for p in PACKAGE.glob("*.py") if p.name not in ENTRY_POINTS)
-CORE_MODULES = {p.stem for p in CORE_FILES}
+#: Subpackages that are part of the core (every file in them is checked as a core module).
+CORE_PACKAGES = ("trainer",)
+SUBPACKAGES = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} - set(CORE_PACKAGES)
+TOP_FILES = sorted(p for p in PACKAGE.glob("*.py") if p.name not in ENTRY_POINTS)
+CORE_FILES = TOP_FILES + sorted(p for name in CORE_PACKAGES for p in (PACKAGE / name).glob("*.py"))
+#: What ``from .X import`` may name at the top level, and inside each core package.
+CORE_MODULES = {p.stem for p in TOP_FILES} | set(CORE_PACKAGES)
+PACKAGE_MODULES = {name: {p.stem for p in (PACKAGE / name).glob("*.py")} for name in CORE_PACKAGES}
 TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords")
 #: SHA-256 of OpenAI's published bpe_simple_vocab_16e6.txt.gz (the same file ships with CLIP and OpenCLIP).
 CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
-def import_problems(path: Path) -> list[str]:
-    """Every import in ``path`` (at any depth, including inside functions) that leaves the core's boundary."""
+def _relative(path: Path) -> str:
+    return path.relative_to(PACKAGE).as_posix()
+
+
+def import_problems(path: Path, package: str | None = None) -> list[str]:
+    """Every import in ``path`` (at any depth, including inside functions) that leaves the core's boundary.
+
+    ``package``: the core package ``path`` is in (default: from where it lies; a file outside the package counts as a
+    top-level module); its relative imports reach its own modules with one dot and the top level with two."""
+    if package is None:
+        package = path.parent.name if path.parent.parent == PACKAGE and path.parent.name in CORE_PACKAGES else ""
+    depth = 2 if package else 1  # the dots that reach the top level
     problems = []
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in ast.walk(tree):
@@ -48,22 +63,31 @@ def import_problems(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
                 problems += _absolute_problem(node.module or "", where)
-            elif node.level > 1:
+            elif node.level > depth:
                 problems.append(f"{where}: 'from {'.' * node.level}{node.module or ''}' reaches outside the package")
-            elif node.module:
-                first = node.module.split(".")[0]
-                if first not in CORE_MODULES:
-                    problems.append(f"{where}: 'from .{node.module} import ...' is not a core module")
             else:
-                for alias in node.names:
-                    if alias.name in SUBPACKAGES:
-                        problems.append(f"{where}: 'from . import {alias.name}' imports a non-core subpackage")
+                inside = package if node.level < depth else ""
+                problems += _relative_problem(node, inside, where)
         elif isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if name in ("import_module", "__import__"):
                 problems.append(f"{where}: dynamic import ({name}) hides what the core depends on")
     return problems
+
+
+def _relative_problem(node: ast.ImportFrom, package: str, where: str) -> list[str]:
+    """``from .X import ...`` relative to the top level (``package`` ""), or to the core package ``package``."""
+    dots = "." * node.level
+    allowed = PACKAGE_MODULES[package] if package else CORE_MODULES
+    if node.module:
+        if node.module.split(".")[0] not in allowed:
+            return [f"{where}: 'from {dots}{node.module} import ...' is not a core module"]
+        return []
+    names = [alias.name for alias in node.names]
+    if package:  # ``from . import x`` inside a core package: its own modules
+        return [f"{where}: 'from {dots} import {n}' is not a module of {package}" for n in names if n not in allowed]
+    return [f"{where}: 'from {dots} import {n}' imports a non-core subpackage" for n in names if n in SUBPACKAGES]
 
 
 def _absolute_problem(module: str, where: str) -> list[str]:
@@ -82,10 +106,14 @@ def test_the_core_is_what_the_boundary_test_checks() -> None:
     # A refactor that moves the trainer elsewhere must not leave this test checking nothing.
     assert {"config", "dataset", "embedding_file", "host", "log", "trainer", "templates"} <= CORE_MODULES
     assert SUBPACKAGES == {"hosts", "standalone", "tools", "toyworld", "webui"}
+    assert {"__init__", "preflight", "objective", "step", "scoring", "run_log", "outputs", "loop"} <= PACKAGE_MODULES[
+        "trainer"
+    ]
+    assert {_relative(p) for p in CORE_FILES} >= {"trainer/__init__.py", "trainer/loop.py", "config.py"}
     assert (PACKAGE / "__main__.py").is_file()
 
 
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CORE_FILES, ids=_relative)
 def test_core_module_imports_stay_inside_the_boundary(path: Path) -> None:
     assert import_problems(path) == []
 
@@ -103,6 +131,19 @@ def test_the_boundary_check_catches_violations(tmp_path: Path) -> None:
     assert [p.split(":")[1] for p in problems] == ["2", "3", "4", "5", "7", "8", "10", "11"]
 
 
+def test_the_boundary_check_catches_violations_inside_a_core_package(tmp_path: Path) -> None:
+    bad = tmp_path / "part.py"
+    bad.write_text(
+        "from ..config import TrainConfig\nfrom .loop import RunLoop\nfrom .. import __version__\n"
+        "from . import step\nfrom ..hosts.diffusers_host import DiffusersHost\nfrom ..standalone import cli\n"
+        "from ... import z\nfrom .. import webui\nfrom . import nowhere\nfrom .nowhere import x\n"
+        "import embedding_trainer.trainer.loop\nimport embedding_trainer.webui\n",
+        encoding="utf-8",
+    )
+    problems = import_problems(bad, package="trainer")
+    assert [p.split(":")[1] for p in problems] == ["5", "6", "7", "8", "9", "10", "12"]
+
+
 def test_the_entry_point_only_dispatches_to_the_cli() -> None:
     tree = ast.parse((PACKAGE / "__main__.py").read_text(encoding="utf-8"))
     imported = sorted(
@@ -113,7 +154,7 @@ def test_the_entry_point_only_dispatches_to_the_cli() -> None:
     assert imported == [".standalone.cli", "sys"]
 
 
-@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CORE_FILES, ids=_relative)
 def test_core_modules_never_print(path: Path) -> None:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     calls = [
@@ -126,7 +167,9 @@ def test_core_modules_never_print(path: Path) -> None:
 
 def test_importing_the_core_loads_no_host_library_and_leaves_logging_alone() -> None:
     """In a fresh interpreter: import every core module, then look at sys.modules and the loggers."""
-    modules = sorted(CORE_MODULES - {"__init__"})
+    modules = sorted(CORE_MODULES - {"__init__"}) + [
+        f"{name}.{stem}" for name, stems in PACKAGE_MODULES.items() for stem in sorted(stems - {"__init__"})
+    ]
     code = f"""
 import json, logging, sys
 root_handlers = list(logging.getLogger().handlers)

@@ -67,6 +67,7 @@ def test_attention_never_materialises_the_score_matrix(me: ModuleType):
     assert e.largest_bytes < tokens * tokens * 2  # one head's fp16 score matrix would be bigger than any tensor
 
 
+@pytest.mark.slow
 def test_fake_and_real_tensors_give_the_same_peak(me: ModuleType):
     v = me.validate("tiny", 64, "on")
     assert v.fake_peak == v.real_peak
@@ -98,6 +99,7 @@ def test_latent_caching_counts_the_fp32_vae_and_its_activations(me: ModuleType):
     assert one.start_bytes < one.peak_bytes < four.peak_bytes
 
 
+@pytest.mark.slow
 def test_command_line_prints_the_table(me: ModuleType, capsys: pytest.CaptureFixture[str]):
     assert me.main(["--tiny", "--steps", "1"]) == 0
     out = capsys.readouterr().out
