@@ -25,7 +25,10 @@ from embedding_trainer.tools.tiny_models import TinyComponents, build_tiny_compo
 ARCHS = ("tiny", "tiny-xl", "sd15", "sd21", "sdxl")
 
 SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
     prediction_type="epsilon",
 )
 
@@ -90,15 +93,33 @@ SD_VAE = dict(
 )
 
 #: OpenAI CLIP ViT-L/14 text tower: SD1.5's text_encoder/config.json and SDXL's text_encoder/config.json.
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
 #: OpenCLIP ViT-H/14 text tower as SD2.1 ships it: stabilityai/stable-diffusion-2-1 text_encoder/config.json
 #: (23 of its 24 layers: SD2 conditions on the penultimate layer).
-CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-              hidden_act="gelu", projection_dim=512)
+CLIP_H = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    projection_dim=512,
+)
 #: OpenCLIP ViT-bigG/14 text tower with its pooled projection: SDXL's text_encoder_2/config.json.
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 hidden_act="gelu", projection_dim=1280)
+CLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +170,12 @@ def _text_encoder(spec: dict[str, Any], with_projection: bool, pad_token_id: int
     # The released text_encoder configs say bos 0, eos 2, pad 1 (stale ids: transformers then pools at the argmax of
     # the ids, the same end token); these are the ids the tokenizer really uses. Neither changes the parameters.
     config = CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=pad_token_id, **spec,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
+        **spec,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 

@@ -51,10 +51,32 @@ def timed_run(args: argparse.Namespace, processes: int, images: Path, work: Path
     launcher = [sys.executable, "-m"]
     if processes > 1:
         launcher += ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m"]
-    command = [*launcher, "embedding_trainer", "train", "--model", str(args.model), "--images", str(images),
-               "--name", "bench", "--max-steps", str(args.steps), "--batch-size", str(args.batch),
-               "--resolution", str(args.resolution), "--device", args.device, "--eval-every", "0", "--quiet",
-               "--output-dir", str(work / "out"), "--run-dir", str(work / "run")]  # fmt: skip
+    command = [
+        *launcher,
+        "embedding_trainer",
+        "train",
+        "--model",
+        str(args.model),
+        "--images",
+        str(images),
+        "--name",
+        "bench",
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch),
+        "--resolution",
+        str(args.resolution),
+        "--device",
+        args.device,
+        "--eval-every",
+        "0",
+        "--quiet",
+        "--output-dir",
+        str(work / "out"),
+        "--run-dir",
+        str(work / "run"),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.device == "cpu":  # the same cores for both sides
         env["OMP_NUM_THREADS"] = str(max(1, args.cores // processes))
@@ -99,17 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     wall_one = statistics.median(t["wall_s"] for t in times[1])
     wall_many = statistics.median(t["wall_s"] for t in times[args.processes])
     where = f"{args.cores} CPU threads in all" if args.device == "cpu" else "one GPU per process"
-    print(f"model {args.model.name}, global batch {args.batch} at {args.resolution} px, {args.steps} steps, "
-          f"{args.device} ({where}), median of {args.repeats}")  # fmt: skip
+    print(
+        f"model {args.model.name}, global batch {args.batch} at {args.resolution} px, {args.steps} steps, "
+        f"{args.device} ({where}), median of {args.repeats}"
+    )
     print(f"{'processes':>9}  {'s/step':>8}  {'images/s':>8}  {'command s':>9}")
     for count, per_step, wall in ((1, one, wall_one), (args.processes, many, wall_many)):
         print(f"{count:>9}  {per_step:8.4f}  {args.batch / per_step:8.1f}  {wall:9.1f}")
-    print(f"speed-up of the training loop with {args.processes} processes: {one / many:.2f}x "
-          f"(whole command: {wall_one / wall_many:.2f}x)")  # fmt: skip
+    print(
+        f"speed-up of the training loop with {args.processes} processes: {one / many:.2f}x "
+        f"(whole command: {wall_one / wall_many:.2f}x)"
+    )
     if args.json:
-        record = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
-                  "cpu_count": os.cpu_count(), "runs": {str(k): v for k, v in times.items()},
-                  "speedup_loop": one / many, "speedup_command": wall_one / wall_many}  # fmt: skip
+        record = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "machine": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "runs": {str(k): v for k, v in times.items()},
+            "speedup_loop": one / many,
+            "speedup_command": wall_one / wall_many,
+        }
         args.json.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return 0
 

@@ -42,9 +42,23 @@ from embedding_trainer.toyworld.base_model import load_model  # noqa: E402
 from embedding_trainer.toyworld.judges import load_judges  # noqa: E402
 
 COLUMNS = (
-    "method", "concept", "seed", "steps", "reconstruction", "editability", "leakage", "leakage_above_0", "images",
-    "train_s", "steps_per_s", "held_out_loss", "relative_loss", "vectors_step", "steps_trained", "init_choice",
-)  # fmt: skip
+    "method",
+    "concept",
+    "seed",
+    "steps",
+    "reconstruction",
+    "editability",
+    "leakage",
+    "leakage_above_0",
+    "images",
+    "train_s",
+    "steps_per_s",
+    "held_out_loss",
+    "relative_loss",
+    "vectors_step",
+    "steps_trained",
+    "init_choice",
+)
 #: Averaged per (method, seed, steps) over concepts, then over seeds.
 MEASURES = ("reconstruction", "editability", "leakage_above_0", "train_s", "steps_per_s")
 #: A concept counts as found in a run when its reconstruction reaches this.
@@ -55,16 +69,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=learning.SHIPPED_MODEL, help="diffusers folder of the toy model")
     p.add_argument(
-        "--methods", nargs="*", default=["ours", "plain", "webui-defaults", "diffusers-example"],
-        choices=list(learning.METHODS), help="named methods (learning.METHODS; 'ablation' adds every ablation step)",
-    )  # fmt: skip
+        "--methods",
+        nargs="*",
+        default=["ours", "plain", "webui-defaults", "diffusers-example"],
+        choices=list(learning.METHODS),
+        help="named methods (learning.METHODS; 'ablation' adds every ablation step)",
+    )
     p.add_argument("--ablation", action="store_true", help="also run every step of learning.ABLATION")
     p.add_argument(
-        "--method", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+        "--method",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON"),
         help="also run a method of your own: TrainConfig fields over the defaults, e.g. x '{\"batch_size\": 2}'; "
-        "\"photo_captions\": true gives the photos captions of their other attributes and appends them to the prompts "
-        "(\"both\": half the prompts put them before the trigger)",
-    )  # fmt: skip
+        '"photo_captions": true gives the photos captions of their other attributes and appends them to the prompts '
+        '("both": half the prompts put them before the trigger)',
+    )
     p.add_argument(
         "--concepts", nargs="+", default=list(world.HELD_OUT_CONCEPTS), choices=list(world.HELD_OUT_CONCEPTS)
     )
@@ -76,14 +97,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench-learning"))
     p.add_argument("--short", action="store_true", help="one concept, one seed, budgets 25 and 100, two methods")
     p.add_argument(
-        "--own-words", action="store_true",
+        "--own-words",
+        action="store_true",
         help="train nothing: judge the same prompts with the concept's own words on the model as shipped (for the "
         "concepts that have them): how well any word for the concept can edit",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--from-csv", nargs="+", type=Path, default=[], metavar="CSV",
+        "--from-csv",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="CSV",
         help="train nothing: summarise the rows of earlier runs' learning.csv files together (e.g. two sessions)",
-    )  # fmt: skip
+    )
     args = p.parse_args(argv)
     if args.short:
         args.concepts, args.seeds, args.budgets = args.concepts[:1], args.seeds[:1], [25, 100]
@@ -96,8 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except json.JSONDecodeError as error:
             p.error(f"--method {name}: {fields!r} is not JSON ({error})")
         captions = values.pop("photo_captions", False)  # the photos' data, not a TrainConfig field
-        args.runs.append(learning.Method(name, values, "from --method", captions=bool(captions),
-                                         captions_first=captions == "both"))  # fmt: skip
+        args.runs.append(
+            learning.Method(name, values, "from --method", captions=bool(captions), captions_first=captions == "both")
+        )
     if not args.runs:
         p.error("no methods: name some with --methods or give --method NAME JSON")
     return args
@@ -211,8 +238,11 @@ def same_photos_choice(scored: list[dict[str, Any]]) -> dict[str, int]:
         pairs += len(hits) * len(misses)
         pairs_right += sum(h < m for h in hits for m in misses)
     return {
-        "mixed_photo_sets": mixed, "lowest_score_found": picks_found, "pairs": pairs, "pairs_ordered_right": pairs_right
-    }  # fmt: skip
+        "mixed_photo_sets": mixed,
+        "lowest_score_found": picks_found,
+        "pairs": pairs,
+        "pairs_ordered_right": pairs_right,
+    }
 
 
 def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
@@ -306,20 +336,38 @@ def _run_one(task: tuple[learning.Method, str, int, list[int], int, Path]) -> tu
     """Train and score one (method, concept, seed); returns its CSV rows and a progress line."""
     method, concept_name, seed, budgets, images_per_prompt, work = task
     run = learning.evaluate_concept(
-        _WORKER["model"], _WORKER["host"], _WORKER["judges"], world.HELD_OUT_CONCEPTS[concept_name],
-        method, budgets, work, seed=seed, images_per_prompt=images_per_prompt,
-    )  # fmt: skip
+        _WORKER["model"],
+        _WORKER["host"],
+        _WORKER["judges"],
+        world.HELD_OUT_CONCEPTS[concept_name],
+        method,
+        budgets,
+        work,
+        seed=seed,
+        images_per_prompt=images_per_prompt,
+    )
     leak_0 = run.scores[0].leakage
     rows = [
-        {"method": method.name, "concept": concept_name, "seed": seed, "steps": steps,
-         "reconstruction": scores.reconstruction, "editability": scores.editability, "leakage": scores.leakage,
-         "leakage_above_0": scores.leakage - leak_0, "images": scores.images,
-         "train_s": run.train_s * min(steps, run.steps_trained) / max(run.steps_trained, 1),
-         "steps_per_s": run.steps_per_s, "held_out_loss": scores.held_out_loss,
-         "relative_loss": scores.held_out_loss / run.initial_loss, "vectors_step": scores.step,
-         "steps_trained": min(steps, run.steps_trained), "init_choice": run.init_choice}
+        {
+            "method": method.name,
+            "concept": concept_name,
+            "seed": seed,
+            "steps": steps,
+            "reconstruction": scores.reconstruction,
+            "editability": scores.editability,
+            "leakage": scores.leakage,
+            "leakage_above_0": scores.leakage - leak_0,
+            "images": scores.images,
+            "train_s": run.train_s * min(steps, run.steps_trained) / max(run.steps_trained, 1),
+            "steps_per_s": run.steps_per_s,
+            "held_out_loss": scores.held_out_loss,
+            "relative_loss": scores.held_out_loss / run.initial_loss,
+            "vectors_step": scores.step,
+            "steps_trained": min(steps, run.steps_trained),
+            "init_choice": run.init_choice,
+        }
         for steps, scores in sorted(run.scores.items())
-    ]  # fmt: skip
+    ]
     last = run.scores[max(budgets)]
     line = (
         f"{method.name} {concept_name} seed {seed}: {run.steps_per_s:.1f} steps/s, at {max(budgets)} steps "
@@ -356,9 +404,13 @@ def judge_own_words(args: argparse.Namespace) -> None:
         recon = learning.mean_and_interval([s.reconstruction for s in scores])
         edit = learning.mean_and_interval([s.editability for s in scores])
         results[concept.name] = {
-            "words": concept.own_words, "seeds": list(args.seeds), "reconstruction": recon[0],
-            "reconstruction_ci95": recon[1], "editability": edit[0], "editability_ci95": edit[1],
-        }  # fmt: skip
+            "words": concept.own_words,
+            "seeds": list(args.seeds),
+            "reconstruction": recon[0],
+            "reconstruction_ci95": recon[1],
+            "editability": edit[0],
+            "editability_ci95": edit[1],
+        }
         line = f"{concept.name:18s} {concept.own_words:16s} {recon[0]:.3f} ±{recon[1]:.3f}"
         print(f"{line}   {edit[0]:.3f} ±{edit[1]:.3f}")
     mean = sum(r["editability"] for r in results.values()) / max(len(results), 1)
@@ -391,10 +443,14 @@ def train_and_judge(args: argparse.Namespace) -> list[dict[str, Any]]:
                 _start_worker(args.model, args.threads)
                 results = map(_run_one, tasks)
             else:  # one process per job, each with its own model copy and --threads threads
-                pool = stack.enter_context(ProcessPoolExecutor(
-                    args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                    initargs=(args.model, args.threads),
-                ))  # fmt: skip
+                pool = stack.enter_context(
+                    ProcessPoolExecutor(
+                        args.jobs,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_start_worker,
+                        initargs=(args.model, args.threads),
+                    )
+                )
                 results = pool.map(_run_one, tasks)
             for task_rows, line in results:
                 rows.extend(task_rows)

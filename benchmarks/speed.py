@@ -231,8 +231,16 @@ class Row:
 
 
 def measure(
-    host: DiffusersHost, arch: str, images: Path, work: Path, resolution: int, batch: int, precision: str,
-    checkpointing: bool, args: argparse.Namespace, memory: PeakMemory,
+    host: DiffusersHost,
+    arch: str,
+    images: Path,
+    work: Path,
+    resolution: int,
+    batch: int,
+    precision: str,
+    checkpointing: bool,
+    args: argparse.Namespace,
+    memory: PeakMemory,
 ) -> Row:
     run_name = f"{arch}-{resolution}-{batch}-{precision}-{'ckpt' if checkpointing else 'plain'}"
     config = TrainConfig(
@@ -265,18 +273,39 @@ def measure(
         bare_rise = max(bare_rise, memory.peak_mib() - base)
     del ours, bare
     return Row(
-        arch, resolution, batch, precision, checkpointing,
-        ours_s=statistics.median(ours_times), bare_s=statistics.median(bare_times),
-        ours_peak_mib=ours_peak, bare_peak_mib=bare_peak, ours_rise_mib=ours_rise, bare_rise_mib=bare_rise,
-        ours_min_s=min(ours_times), bare_min_s=min(bare_times), samples=len(ours_times),
+        arch,
+        resolution,
+        batch,
+        precision,
+        checkpointing,
+        ours_s=statistics.median(ours_times),
+        bare_s=statistics.median(bare_times),
+        ours_peak_mib=ours_peak,
+        bare_peak_mib=bare_peak,
+        ours_rise_mib=ours_rise,
+        bare_rise_mib=bare_rise,
+        ours_min_s=min(ours_times),
+        bare_min_s=min(bare_times),
+        samples=len(ours_times),
     )
 
 
 # -- output ---------------------------------------------------------------------------------------------------
 COLUMNS = (
-    ("arch", 7), ("res", 5), ("batch", 5), ("prec", 5), ("ckpt", 4),
-    ("ours s/step", 11), ("steps/s", 8), ("img/s", 8), ("peak MiB", 9),
-    ("bare s/step", 11), ("steps/s", 8), ("img/s", 8), ("peak MiB", 9), ("ratio", 6),
+    ("arch", 7),
+    ("res", 5),
+    ("batch", 5),
+    ("prec", 5),
+    ("ckpt", 4),
+    ("ours s/step", 11),
+    ("steps/s", 8),
+    ("img/s", 8),
+    ("peak MiB", 9),
+    ("bare s/step", 11),
+    ("steps/s", 8),
+    ("img/s", 8),
+    ("peak MiB", 9),
+    ("ratio", 6),
 )
 
 
@@ -287,9 +316,19 @@ def table_header() -> str:
 
 def table_line(row: Row) -> str:
     cells = (
-        row.arch, row.resolution, row.batch, row.precision, "on" if row.checkpointing else "off",
-        f"{row.ours_s:.4f}", f"{1 / row.ours_s:.2f}", f"{row.batch / row.ours_s:.2f}", f"{row.ours_peak_mib:.0f}",
-        f"{row.bare_s:.4f}", f"{1 / row.bare_s:.2f}", f"{row.batch / row.bare_s:.2f}", f"{row.bare_peak_mib:.0f}",
+        row.arch,
+        row.resolution,
+        row.batch,
+        row.precision,
+        "on" if row.checkpointing else "off",
+        f"{row.ours_s:.4f}",
+        f"{1 / row.ours_s:.2f}",
+        f"{row.batch / row.ours_s:.2f}",
+        f"{row.ours_peak_mib:.0f}",
+        f"{row.bare_s:.4f}",
+        f"{1 / row.bare_s:.2f}",
+        f"{row.batch / row.bare_s:.2f}",
+        f"{row.bare_peak_mib:.0f}",
         f"{row.ratio:.2f}",
     )
     return " | ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True))
@@ -314,12 +353,21 @@ def machine(device: torch.device) -> str:
 # -- main ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", nargs="+", default=["tiny"], choices=archs.ARCHS,
-                        help="tiny/tiny-xl: the test models; sd15/sdxl: full-size shapes with random weights")
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        default=["tiny"],
+        choices=archs.ARCHS,
+        help="tiny/tiny-xl: the test models; sd15/sdxl: full-size shapes with random weights",
+    )
     parser.add_argument("--resolution", nargs="+", type=int, help="pixels (default: tiny 64, sd15 512, sdxl 1024)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
-    parser.add_argument("--precision", nargs="+", choices=("fp32", "fp16", "bf16"),
-                        help="default: bf16 (or fp16) on CUDA, fp32 elsewhere; fp16 runs on CUDA only")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "fp16", "bf16"),
+        help="default: bf16 (or fp16) on CUDA, fp32 elsewhere; fp16 runs on CUDA only",
+    )
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="off")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat and side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each repeat")
@@ -327,10 +375,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
-    parser.add_argument("--force-cpu-sdxl", action="store_true",
-                        help="run sdxl even without CUDA (about 14 GB of fp32 weights and minutes per step)")
-    parser.add_argument("--quick", action="store_true",
-                        help="short form: tiny, 64 px, batch 1 and 4, fp32, no checkpointing, 4 steps x 3 repeats")
+    parser.add_argument(
+        "--force-cpu-sdxl",
+        action="store_true",
+        help="run sdxl even without CUDA (about 14 GB of fp32 weights and minutes per step)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short form: tiny, 64 px, batch 1 and 4, fp32, no checkpointing, 4 steps x 3 repeats",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.arch, args.resolution, args.batch, args.precision = ["tiny"], [64], [1, 4], ["fp32"]
@@ -368,25 +422,31 @@ def main(argv: list[str] | None = None) -> int:
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     memory = PeakMemory(device)
     print(f"machine: {machine(device)}")
-    print(f"timing: median of {args.steps} steps x {args.repeats} repeats per side after {args.warmup} warm-up "
-          f"step(s) each; ours = Trainer.run() step, bare = UNet fwd + bwd to its text input; memory: {memory.label}")
+    print(
+        f"timing: median of {args.steps} steps x {args.repeats} repeats per side after {args.warmup} warm-up "
+        f"step(s) each; ours = Trainer.run() step, bare = UNet fwd + bwd to its text input; memory: {memory.label}"
+    )
     rows: list[Row] = []
     header_printed = False
     with tempfile.TemporaryDirectory(prefix="embtrain-bench-") as tmp:
         work = Path(tmp)
         for arch in args.arch:
             if arch == "sdxl" and device.type != "cuda" and not args.force_cpu_sdxl:
-                print("skipping sdxl: no CUDA device (on a CPU it needs ~14 GB of fp32 weights and minutes per "
-                      "step; pass --force-cpu-sdxl to run it anyway)")
+                print(
+                    "skipping sdxl: no CUDA device (on a CPU it needs ~14 GB of fp32 weights and minutes per "
+                    "step; pass --force-cpu-sdxl to run it anyway)"
+                )
                 continue
             if not precisions:
                 break
             started = time.perf_counter()
             components = archs.build(arch, device, COMPUTE_DTYPES[precisions[0]])
             host = DiffusersHost.from_components(components, device, model_name=arch)
-            print(f"built {arch} in {time.perf_counter() - started:.1f} s: UNet "
-                  f"{archs.parameter_count(host.unet) / 1e6:.0f}M parameters, text encoder(s) "
-                  f"{' + '.join(f'{archs.parameter_count(e) / 1e6:.0f}M' for e in host.text_encoders)}")
+            print(
+                f"built {arch} in {time.perf_counter() - started:.1f} s: UNet "
+                f"{archs.parameter_count(host.unet) / 1e6:.0f}M parameters, text encoder(s) "
+                f"{' + '.join(f'{archs.parameter_count(e) / 1e6:.0f}M' for e in host.text_encoders)}"
+            )
             for precision in precisions:
                 dtype = COMPUTE_DTYPES[precision]
                 for model in (host.unet, *host.text_encoders):

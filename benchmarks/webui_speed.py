@@ -239,21 +239,45 @@ def write_photos(folder: Path, count: int = 8) -> Path:
 def run_builtin(client: Client, name: str, photos: Path, logs: Path, steps: int, batch: int) -> dict[str, Any]:
     """Create a new 1-vector embedding and train it with the WebUI's own trainer. A new name each time: its max steps
     count from the embedding's stored step, and a file replaced in place is not reloaded."""
-    client.call("POST", "/sdapi/v1/create/embedding",
-                {"name": name, "num_vectors_per_token": 1, "overwrite_old": True, "init_text": "*"})  # fmt: skip
+    client.call(
+        "POST",
+        "/sdapi/v1/create/embedding",
+        {"name": name, "num_vectors_per_token": 1, "overwrite_old": True, "init_text": "*"},
+    )
     # The built-in writes its settings file into <log>/<date>/<name>/ without creating it.
     (logs / datetime.datetime.now().strftime("%Y-%m-%d") / name).mkdir(parents=True, exist_ok=True)
     body = {
-        "id_task": f"task(embtrain-bench-{name})", "embedding_name": name, "learn_rate": "0.005",
-        "batch_size": batch, "gradient_step": 1, "data_root": str(photos), "log_directory": str(logs),
-        "training_width": 64, "training_height": 64, "varsize": False, "steps": steps,
-        "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0,
-        "latent_sampling_method": "deterministic", "use_weight": False, "create_image_every": 0,
-        "save_embedding_every": 0, "template_filename": BUILTIN_TEMPLATE, "save_image_with_stored_embedding": False,
-        "preview_from_txt2img": False, "preview_prompt": "", "preview_negative_prompt": "", "preview_steps": 20,
-        "preview_sampler_name": "Euler a", "preview_cfg_scale": 7.0, "preview_seed": -1, "preview_width": 64,
+        "id_task": f"task(embtrain-bench-{name})",
+        "embedding_name": name,
+        "learn_rate": "0.005",
+        "batch_size": batch,
+        "gradient_step": 1,
+        "data_root": str(photos),
+        "log_directory": str(logs),
+        "training_width": 64,
+        "training_height": 64,
+        "varsize": False,
+        "steps": steps,
+        "clip_grad_mode": "disabled",
+        "clip_grad_value": "0.1",
+        "shuffle_tags": False,
+        "tag_drop_out": 0,
+        "latent_sampling_method": "deterministic",
+        "use_weight": False,
+        "create_image_every": 0,
+        "save_embedding_every": 0,
+        "template_filename": BUILTIN_TEMPLATE,
+        "save_image_with_stored_embedding": False,
+        "preview_from_txt2img": False,
+        "preview_prompt": "",
+        "preview_negative_prompt": "",
+        "preview_steps": 20,
+        "preview_sampler_name": "Euler a",
+        "preview_cfg_scale": 7.0,
+        "preview_seed": -1,
+        "preview_width": 64,
         "preview_height": 64,
-    }  # fmt: skip
+    }
     client.call("POST", "/embtrain-bench/marks/start")
     reply = client.call("POST", "/sdapi/v1/train/embedding", body)
     marks = client.call("POST", "/embtrain-bench/marks/stop")
@@ -266,11 +290,21 @@ def run_ours(
     client: Client, name: str, photos: Path, work: Path, steps: int, batch: int, resolution: int | None
 ) -> dict[str, Any]:
     body = {
-        "name": name, "images": str(photos), "max_steps": steps, "batch_size": batch, "num_vectors": 1,
-        "learning_rate": "0.005", "init_text": "*", "template": OURS_TEMPLATE, "latent_sampling": "deterministic",
-        "output_dir": str(work / "out"), "run_dir": str(work / "runs" / name), "overwrite": True,
-        "save_every": 0, "preview_every": 0,
-    }  # fmt: skip
+        "name": name,
+        "images": str(photos),
+        "max_steps": steps,
+        "batch_size": batch,
+        "num_vectors": 1,
+        "learning_rate": "0.005",
+        "init_text": "*",
+        "template": OURS_TEMPLATE,
+        "latent_sampling": "deterministic",
+        "output_dir": str(work / "out"),
+        "run_dir": str(work / "runs" / name),
+        "overwrite": True,
+        "save_every": 0,
+        "preview_every": 0,
+    }
     if resolution:
         body["resolution"] = resolution
     client.call("POST", "/embtrain-bench/marks/start")
@@ -300,8 +334,9 @@ def measure(
     results: dict[str, Any] = {"family": label or family, "batches": {}}
     tag = re.sub(r"[^a-z0-9]+", "-", label or family)  # the built-in strips other characters from names
     if builtin and warm_up:  # other request threads run torch first: a txt2img and a built-in run
-        client.call("POST", "/sdapi/v1/txt2img",
-                    {"prompt": "a red circle", "steps": 5, "width": 64, "height": 64, "seed": 1})  # fmt: skip
+        client.call(
+            "POST", "/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 5, "width": 64, "height": 64, "seed": 1}
+        )
         run_builtin(client, "bench-builtin-warm-up", photos, work / "logs", 10, 1)
     resolution = None if builtin else 64  # SD1 (the toy model): its own 64 px, which the run must find itself
     results["load_average_before"] = os.getloadavg()[0]  # what else ran on the machine (1 min)
@@ -322,16 +357,28 @@ def measure(
             setups.add(status["cpu_threads"])
             our_rates.append(status["it_per_s"])
             loads.append(os.getloadavg()[0])
-            print(f"  {family} batch {batch} run {repeat + 1}: ours {1 / ours[-1][0]:.1f} steps/s"
-                  + (f", built-in {1 / theirs[-1][0]:.1f} steps/s" if builtin else ""), flush=True)  # fmt: skip
+            print(
+                f"  {family} batch {batch} run {repeat + 1}: ours {1 / ours[-1][0]:.1f} steps/s"
+                + (f", built-in {1 / theirs[-1][0]:.1f} steps/s" if builtin else ""),
+                flush=True,
+            )
         # The bound with the host's attention as set and with its SDP one (what our runs use in place of a chunked
         # pick), each with the UNet's weights contiguous and channels-last (ours on the CPU): the fastest counts.
         bounds = [
-            client.call("POST", "/embtrain-bench/bound", {"batch": batch, "size": 64, "steps": args.bound_steps,
-                                                          "attention": attention, "channels_last": channels_last})
+            client.call(
+                "POST",
+                "/embtrain-bench/bound",
+                {
+                    "batch": batch,
+                    "size": 64,
+                    "steps": args.bound_steps,
+                    "attention": attention,
+                    "channels_last": channels_last,
+                },
+            )
             for attention in (None, SDP_TITLE)
             for channels_last in (False, True)
-        ]  # fmt: skip
+        ]
         bound = min(bounds, key=lambda b: b["encode_unet"]["median_ms"])
         loads.append(os.getloadavg()[0])
         entry = {
@@ -380,16 +427,21 @@ def report(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="attach to a running WebUI (with the probe installed) instead of starting one")
-    parser.add_argument("--write-probe", type=Path, metavar="EXTENSIONS_DIR",
-                        help="write the probe extension into a WebUI's extensions folder and exit")  # fmt: skip
+    parser.add_argument(
+        "--write-probe",
+        type=Path,
+        metavar="EXTENSIONS_DIR",
+        help="write the probe extension into a WebUI's extensions folder and exit",
+    )
     parser.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
     parser.add_argument("--skip", type=int, default=10, help="first steps of each run not timed (default 10)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per trainer and batch (default 3)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--bound-steps", type=int, default=40, help="timed iterations of the bound (default 40)")
     parser.add_argument("--host-attention", help="set the WebUI's cross_attention_optimization first (a title)")
-    parser.add_argument("--idle-team", action="store_true",
-                        help="then measure SD1 again beside a thread that keeps an idle OpenMP team")  # fmt: skip
+    parser.add_argument(
+        "--idle-team", action="store_true", help="then measure SD1 again beside a thread that keeps an idle OpenMP team"
+    )
     parser.add_argument("--sdxl", action="store_true", help="also ours and the bound on a tiny SDXL checkpoint")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json (default: none)")
     args = parser.parse_args(argv)
@@ -414,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                 data, models = work / family / "data", work / family / "models"
                 load_before = os.getloadavg()[0]  # before the WebUI's own start-up adds to it
                 started = time.monotonic()
-                with running_webui(data, models, with_ui=False, family=family, model=model,
-                                   extra_scripts={PROBE_FILE: PROBE}) as base:  # fmt: skip
+                with running_webui(
+                    data, models, with_ui=False, family=family, model=model, extra_scripts={PROBE_FILE: PROBE}
+                ) as base:
                     print(f"{family}: WebUI up in {time.monotonic() - started:.0f} s at {base}", flush=True)
                     (data / "embeddings").mkdir(exist_ok=True)  # where the built-in creates its embedding
                     client = Client(base)

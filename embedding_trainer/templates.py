@@ -78,9 +78,7 @@ def load_template(name_or_path: str) -> list[str]:
                 f"template: file '{path}' does not exist; check the path or use a built-in template ({builtins})"
             )
         if path.is_dir():
-            raise DatasetError(
-                f"template: '{path}' is a folder; give the path of a text file with one prompt per line"
-            )
+            raise DatasetError(f"template: '{path}' is a folder; give the path of a text file with one prompt per line")
         try:
             raw = path.read_bytes()
         except OSError as e:

@@ -52,12 +52,19 @@ def train_args(model: Path, images: Path, root: Path, *extra: str, steps: int = 
     last, so they override (argparse keeps the last value)."""
     return [
         "train",
-        "--model", str(model),
-        "--images", str(images),
-        "--name", "my-cat",
-        "--max-steps", str(steps),
-        "--resolution", "64",
-        "--output-dir", str(root / "out"),
-        "--run-dir", str(root / "run"),
+        "--model",
+        str(model),
+        "--images",
+        str(images),
+        "--name",
+        "my-cat",
+        "--max-steps",
+        str(steps),
+        "--resolution",
+        "64",
+        "--output-dir",
+        str(root / "out"),
+        "--run-dir",
+        str(root / "run"),
         *extra,
-    ]  # fmt: skip
+    ]

@@ -192,26 +192,42 @@ def forge_checkpoint(family: str, forge: Path, out: Path) -> Path:
     torch.manual_seed(0)
     if family == "sd1":
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
+            sample_size=8,
+            block_out_channels=(320, 640),
+            layers_per_block=1,
+            cross_attention_dim=768,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-        )  # fmt: skip
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+        )
         encoders = {"text_encoder": CLIPTextModel}
     elif family == "sd2":  # SD2.1's scheduler config is v-prediction; the exported yaml says so to Forge
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=1024,
+            sample_size=8,
+            block_out_channels=(320, 640),
+            layers_per_block=1,
+            cross_attention_dim=1024,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=5, use_linear_projection=True,
-        )  # fmt: skip
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=5,
+            use_linear_projection=True,
+        )
         encoders = {"text_encoder": CLIPTextModel}
     else:
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(320, 320, 320), layers_per_block=2, cross_attention_dim=2048,
+            sample_size=8,
+            block_out_channels=(320, 320, 320),
+            layers_per_block=2,
+            cross_attention_dim=2048,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=5, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        )  # fmt: skip
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=5,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
         encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     parts: dict = {"unet": unet, "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))}
     for name, model_class in encoders.items():
@@ -258,14 +274,28 @@ def launched(
     without installing anything; yield its base URL once ``/embtrain/v1`` answers."""
     assert webui and python, MISSING
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-               PYTHONUNBUFFERED="1")  # fmt: skip
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1"
+    )
     command = [
-        python, "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-        "--skip-version-check", "--api", "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model",
-        "--data-dir", str(data), *([] if with_ui else ["--nowebui"]), *host_args,
+        python,
+        "launch.py",
+        "--skip-prepare-environment",
+        "--skip-install",
+        "--skip-torch-cuda-test",
+        "--skip-version-check",
+        "--api",
+        "--server-name",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-download-sd-model",
+        "--data-dir",
+        str(data),
+        *([] if with_ui else ["--nowebui"]),
+        *host_args,
         *(["--api-auth", api_auth] if api_auth else []),
-    ]  # fmt: skip
+    ]
     base = f"http://127.0.0.1:{port}"
     with open(data / "webui.log", "wb") as log:
         process = subprocess.Popen(command, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -222,10 +222,11 @@ class ForgeHost:
         # Real size and crop of each training image (Forge's own call uses one size and the crop settings).
         embedder = self.sd_model.embedder
         sizes = [
-            torch.cat([embedder(torch.Tensor([value])) for value in (*im.original_size, *im.crop_top_left,
-                                                                      *im.target_size)]).flatten()
+            torch.cat(
+                [embedder(torch.Tensor([value])) for value in (*im.original_size, *im.crop_top_left, *im.target_size)]
+            ).flatten()
             for im in images
-        ]  # fmt: skip
+        ]
         vector = torch.cat([pooled, torch.stack(sizes).to(pooled)], dim=1)
         return torch.cat([cond_l, cond_g], dim=2), vector
 
@@ -236,9 +237,13 @@ class ForgeHost:
         latents = noisy_latents.to(dtype).contiguous(memory_format=self.input_memory_format)
         extra = {"y": vector.to(dtype)} if vector is not None else {}
         output = self.kmodel.diffusion_model(
-            latents, timesteps.to(self.device).float(), context=context.to(dtype), control=None,
-            transformer_options={}, **extra,
-        )  # fmt: skip
+            latents,
+            timesteps.to(self.device).float(),
+            context=context.to(dtype),
+            control=None,
+            transformer_options={},
+            **extra,
+        )
         return output
 
     @contextlib.contextmanager

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "under torchrun the jobs spread over the processes",
     )
     jobs.add_argument("job_file", metavar="JOB_FILE", help='e.g. a line {"name": "my-cat", "images": "photos/cat"}')
-    jobs.add_argument("--model", default="", help="diffusers model folder for jobs that name no \"model\"")
+    jobs.add_argument("--model", default="", help='diffusers model folder for jobs that name no "model"')
     jobs.add_argument("--config", help="JSON file of defaults for every job (flags given here override it)")
     jobs.add_argument("--summary", help="where to write the JSON summary (default: JOB_FILE.summary.json)")
     _add_config_flags(jobs)
@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw images with embeddings on a diffusers model: a grid, a row per prompt, a column per seed",
     )
     render.add_argument("--model", required=True, help="diffusers model folder (with model_index.json)")
-    render.add_argument("--embedding", action="append", required=True, metavar="FILE",
-                        help="embedding file; its trigger is the name stored in it (repeat for several)")  # fmt: skip
+    render.add_argument(
+        "--embedding",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="embedding file; its trigger is the name stored in it (repeat for several)",
+    )
     render.add_argument("--prompt", action="append", required=True, help="a prompt with a trigger (repeat for rows)")
     render.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4], help="one column per seed")
     render.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
@@ -205,8 +210,17 @@ def _render(args: argparse.Namespace) -> Path:
         raise ConfigError("out", f"{out} already exists; choose another --out or add --overwrite")
     if out.suffix.lower() != ".png":
         raise ConfigError("out", f"{out} must be a .png file")
-    grid = render_grid(args.model, args.embedding, args.prompt, args.seeds, steps=args.steps, guidance=args.guidance,
-                       size=args.size, negative=args.negative, device=args.device)  # fmt: skip
+    grid = render_grid(
+        args.model,
+        args.embedding,
+        args.prompt,
+        args.seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=args.size,
+        negative=args.negative,
+        device=args.device,
+    )
     png = io.BytesIO()
     grid.save(png, format="PNG")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,9 +98,13 @@ def run_demo(
     (out / "scores.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     logger.info(
         "judged '%s': reconstruction %.0f%% -> %.0f%%, editability %.0f%% -> %.0f%% (before -> after %d steps)",
-        concept, 100 * scores["before"].reconstruction, 100 * scores["after"].reconstruction,
-        100 * scores["before"].editability, 100 * scores["after"].editability, result.steps,
-    )  # fmt: skip
+        concept,
+        100 * scores["before"].reconstruction,
+        100 * scores["after"].reconstruction,
+        100 * scores["before"].editability,
+        100 * scores["after"].editability,
+        result.steps,
+    )
     logger.info("wrote %s, %s and %s", result.embedding_path, grid, out / "scores.json")
     return report
 
@@ -126,15 +130,19 @@ def draw_grid(
     ]
     for label, path in (("before training", before), (f"after {steps} steps", after)):
         drawn = _draw(model, path, [first.prompt] * columns, seed)
-        rows.append((f"{label}: \"{first.prompt}\"", drawn, first.expected))
+        rows.append((f'{label}: "{first.prompt}"', drawn, first.expected))
     for case in edits:
-        rows.append((f"after: \"{case.prompt}\"", _draw(model, after, [case.prompt] * columns, seed), case.expected))
+        rows.append((f'after: "{case.prompt}"', _draw(model, after, [case.prompt] * columns, seed), case.expected))
     grid = Image.new("RGB", (LABEL_WIDTH + columns * CELL, TITLE_HEIGHT + len(rows) * CELL), "white")
     draw = ImageDraw.Draw(grid)
     title = f"Embedding Trainer demo: '{trigger}' learns the toy world's {concept.name} from {columns} photos"
     draw.text((10, 8), title, fill="black", font=label_font(20))
-    draw.text((10, 34), "right of each label: what the toy model draws; the verdict is the judges'", fill="dimgray",
-              font=label_font(14))  # fmt: skip
+    draw.text(
+        (10, 34),
+        "right of each label: what the toy model draws; the verdict is the judges'",
+        fill="dimgray",
+        font=label_font(14),
+    )
     row_font = label_font(15)
     for r, (label, images, expected) in enumerate(rows):
         top = TITLE_HEIGHT + r * CELL

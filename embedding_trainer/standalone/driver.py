@@ -194,17 +194,21 @@ def run_training(
     )
     if result.chosen_start:
         logger.info(
-            "carried on with start %d of %d (held-out losses %s)", result.chosen_start, len(result.start_scores),
+            "carried on with start %d of %d (held-out losses %s)",
+            result.chosen_start,
+            len(result.start_scores),
             ", ".join(f"{s:.4f}" for s in result.start_scores),
-        )  # fmt: skip
+        )
     if result.early_stopped:
         logger.info("stopped early: the held-out score had not improved for %d evaluations", config.early_stop_patience)
     if result.held_out_loss is not None:
         which = "the best held-out score" if result.vectors_step != result.steps else "the last step"
         logger.info(
-            "the file holds step %d's vectors (%s): held-out loss %.4f", result.vectors_step, which,
+            "the file holds step %d's vectors (%s): held-out loss %.4f",
+            result.vectors_step,
+            which,
             result.held_out_loss,
-        )  # fmt: skip
+        )
     if trainer.warnings and processes.writes_files:
         logger.warning("%d warning(s):%s", len(trainer.warnings), "".join(f"\n  {w}" for w in trainer.warnings))
     if result.stopped and processes.writes_files:

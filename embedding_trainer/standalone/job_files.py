@@ -97,7 +97,7 @@ def load_jobs(path: Path, defaults: dict[str, Any], default_model: str) -> list[
             job.error = f"line {number}: {error}"
             continue
         if not job.model:
-            job.error = f"line {number}: no model; give --model or a \"model\" on the line"
+            job.error = f'line {number}: no model; give --model or a "model" on the line'
             continue
         outputs = [Path(config.output_dir) / f"{config.name}.safetensors", Path(config.effective_run_dir)]
         taken = [claimed[p.resolve()] for p in outputs if p.resolve() in claimed]
@@ -159,7 +159,7 @@ def _plan(config: TrainConfig, head: str) -> tuple[TrainConfig | None, str]:
         changed = sorted(k for k, v in _settings(config).items() if previous["settings"].get(k) != v)
         raise ConfigError(
             changed[0] if changed else "jobs",
-            f"{head} finished earlier with other settings ({', '.join(changed)}); add \"overwrite\": true to its "
+            f'{head} finished earlier with other settings ({", ".join(changed)}); add "overwrite": true to its '
             "line to train it again",
         )
     saves = Path(config.effective_run_dir) / "saves"
@@ -202,8 +202,9 @@ def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_st
         except ConfigError as error:
             if not config.resume or job.config.resume:
                 raise
-            raise ConfigError(error.field, f"{error}; to start this job over instead, add \"overwrite\": true to "
-                              "its line") from error  # fmt: skip
+            raise ConfigError(
+                error.field, f'{error}; to start this job over instead, add "overwrite": true to its line'
+            ) from error
         logger.info("%s on %s:\n%s", head, device, trainer.describe())
         outcome = trainer.run()
         result.status = "stopped" if outcome.stopped else "finished"
@@ -212,8 +213,14 @@ def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_st
         result.steps = outcome.steps
         result.final_loss = outcome.final_loss if math.isfinite(outcome.final_loss) else None
         result.held_out_loss = outcome.held_out_loss
-        logger.info("%s %s after %d steps in %s: %s", head, result.status, result.steps,
-                    format_duration(time.perf_counter() - started, clock=True), result.embedding)  # fmt: skip
+        logger.info(
+            "%s %s after %d steps in %s: %s",
+            head,
+            result.status,
+            result.steps,
+            format_duration(time.perf_counter() - started, clock=True),
+            result.embedding,
+        )
     except Exception as error:  # noqa: BLE001 - a failed job is recorded and the others go on
         known = isinstance(error, (EmbeddingTrainerError, OSError))
         result.status = "failed"
@@ -255,8 +262,9 @@ def run_jobs(
         index = queue.claim()
         if index is None:
             break
-        queue.record(index, JobResult(jobs[index].line, jobs[index].label, "interrupted", processes.rank).to_dict(),
-                     final=False)  # fmt: skip
+        queue.record(
+            index, JobResult(jobs[index].line, jobs[index].label, "interrupted", processes.rank).to_dict(), final=False
+        )
         result = run_job(jobs[index], len(jobs), processes, hosts, should_stop)
         done = queue.record(index, result.to_dict())
         logger.info("overall: %d of %d jobs done", done, len(jobs))
@@ -270,8 +278,12 @@ def run_jobs(
     ]
     logger.info("%s", format_summary(results))
     summary_path = summary_path or path.with_name(path.name + ".summary.json")
-    summary = {"job_file": str(path), "processes": processes.world_size, "counts": _counts(results),
-               "jobs": [r.to_dict() for r in results]}  # fmt: skip
+    summary = {
+        "job_file": str(path),
+        "processes": processes.world_size,
+        "counts": _counts(results),
+        "jobs": [r.to_dict() for r in results],
+    }
     text = json.dumps(summary, indent=2).encode("utf-8")
     write_atomically(summary_path, lambda f: f.write(text), overwrite=True)
     logger.info("summary: %s", summary_path)

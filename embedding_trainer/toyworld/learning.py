@@ -77,10 +77,20 @@ OUR_DEFAULTS = Method("ours", {}, "TrainConfig's defaults")
 OUR_DEFAULTS_1_VECTOR = Method("ours-1-vector", {"num_vectors": 1}, "TrainConfig's defaults with 1 vector")
 #: The plain loop, none of the methods of the quality issue: the defaults before them (the ablation's base).
 PLAIN = {
-    "num_vectors": 4, "batch_size": 4, "learning_rate": "0.01", "lr_scale": "absolute", "lr_scheduler": "constant",
-    "init_mode": "text", "init_text": "*", "norm_band": 0.0, "final_vectors": "last", "early_stop_patience": 0,
-    "eval_every": 25, "min_snr_gamma": 0.0, "weight_decay": 0.0,
-}  # fmt: skip
+    "num_vectors": 4,
+    "batch_size": 4,
+    "learning_rate": "0.01",
+    "lr_scale": "absolute",
+    "lr_scheduler": "constant",
+    "init_mode": "text",
+    "init_text": "*",
+    "norm_band": 0.0,
+    "final_vectors": "last",
+    "early_stop_patience": 0,
+    "eval_every": 25,
+    "min_snr_gamma": 0.0,
+    "weight_decay": 0.0,
+}
 PLAIN_LOOP = Method("plain", PLAIN, "4 vectors, batch 4, absolute lr 0.01, init '*', last vectors (the old defaults)")
 #: One method at a time on top of the plain loop, then all together (the ablation).
 ABLATION = (
@@ -92,10 +102,11 @@ ABLATION = (
     Method("+table-lr", {**PLAIN, "lr_scale": "table", "learning_rate": "0.007"}, "lr 0.007 in table units"),
     Method("+best", {**PLAIN, "final_vectors": "best"}, "the file holds the best-scored vectors"),
     Method(
-        "+best+early-stop", {**PLAIN, "final_vectors": "best", "early_stop_patience": 3},
+        "+best+early-stop",
+        {**PLAIN, "final_vectors": "best", "early_stop_patience": 3},
         "the best-scored vectors; stop after 3 evaluations without improvement",
     ),
-)  # fmt: skip
+)
 #: The WebUI's built-in trainer's defaults, reproduced with our loop.
 WEBUI_DEFAULTS = Method(
     "webui-defaults",
@@ -310,10 +321,15 @@ def embedding_loaded(model: BaseModel, path: Path, trigger: str = TRIGGER) -> It
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=DDIMScheduler.from_config(model.scheduler_config), safety_checker=None, feature_extractor=None,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=DDIMScheduler.from_config(model.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     known = len(model.tokenizer)
     pipe.load_textual_inversion(str(path), token=trigger)
     # A multi-vector file adds "<trigger>", "<trigger>_1", ...; the prompt rewrite spells them out.
@@ -324,9 +340,7 @@ def embedding_loaded(model: BaseModel, path: Path, trigger: str = TRIGGER) -> It
         pipe.unload_textual_inversion(tokens=added)
 
 
-def score_embedding(
-    model: BaseModel, judges: Any, concept: world.HeldOutConcept, path: Path, **judging: Any
-) -> Scores:
+def score_embedding(model: BaseModel, judges: Any, concept: world.HeldOutConcept, path: Path, **judging: Any) -> Scores:
     """Judge images drawn with the embedding at ``path`` (``judge_prompts``, whose options ``judging`` are)."""
     with embedding_loaded(model, path) as convert:
         return judge_prompts(model, judges, concept, TRIGGER, convert, **judging)
@@ -412,17 +426,29 @@ def evaluate_concept(
             save_embedding(EmbeddingData(TRIGGER, trained.vectors[budget], step=step), path, overwrite=True)
             paths[budget] = path
             judged = score_embedding(
-                model, judges, concept, path, images_per_prompt=images_per_prompt, seed=seed,
+                model,
+                judges,
+                concept,
+                path,
+                images_per_prompt=images_per_prompt,
+                seed=seed,
                 photo_values=photo_values,
-            )  # fmt: skip
+            )
             judged.held_out_loss = trained.scores.get(step, float("nan"))
             judged.step = step
             scores[budget] = judged
     return ConceptRun(
-        concept.name, method.name, seed, scores, trained.train_s, trained.steps_per_s, paths,
-        steps_trained=trained.steps_trained, init_choice=trained.init_choice,
+        concept.name,
+        method.name,
+        seed,
+        scores,
+        trained.train_s,
+        trained.steps_per_s,
+        paths,
+        steps_trained=trained.steps_trained,
+        init_choice=trained.init_choice,
         initial_loss=trained.scores.get(0, float("nan")),
-    )  # fmt: skip
+    )
 
 
 def mean_and_interval(values: Sequence[float]) -> tuple[float, float]:

@@ -337,9 +337,14 @@ def render(scene: Scene) -> Image.Image:
 # Captions
 
 SHAPE_WORDS = {
-    "circle": "circle", "square": "square", "triangle": "triangle", "star": "star", "cross": "cross",
-    "heart": "heart", "moon": "moon",
-}  # fmt: skip
+    "circle": "circle",
+    "square": "square",
+    "triangle": "triangle",
+    "star": "star",
+    "cross": "cross",
+    "heart": "heart",
+    "moon": "moon",
+}
 GENERIC_SHAPE_WORDS = ("shape", "object", "figure", "symbol")
 COLOUR_WORDS = {name: (name,) for name in COLOURS}
 BACKGROUND_WORDS = {"white": ("white",), "grey": ("grey", "gray"), "black": ("black",), "brown": ("brown",)}

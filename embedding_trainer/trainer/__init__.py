@@ -242,20 +242,43 @@ class Trainer:
             )
         resume = plan.resume
         self.stepper = stepper = Stepper(
-            c, self.objective, self.vectors, self.prepared.lr_schedule, self.lr_factors, self.word_norms,
-            self.precision, self.processes, REPORT_INTERVAL_S, self.start_step, resume.tensors if resume else None,
-        )  # fmt: skip
+            c,
+            self.objective,
+            self.vectors,
+            self.prepared.lr_schedule,
+            self.lr_factors,
+            self.word_norms,
+            self.precision,
+            self.processes,
+            REPORT_INTERVAL_S,
+            self.start_step,
+            resume.tensors if resume else None,
+        )
         if resume is not None:
             self.callbacks.status(f"resuming at step {self.start_step} from {resume.path}")
         started = time.perf_counter()
         log = RunLog(
-            c, self.run_dir, self.start_step, self.objective.batches_per_epoch, stepper.leaves, writes_files,
+            c,
+            self.run_dir,
+            self.start_step,
+            self.objective.batches_per_epoch,
+            stepper.leaves,
+            writes_files,
             self.callbacks,
-        )  # fmt: skip
+        )
         loop = RunLoop(
-            c, self.host, self.objective, self.scoring, stepper, log, self.outputs, self.callbacks, self.processes,
-            self.start_step, self._prompt_words() if c.init_mode == "best-word" else [],
-        )  # fmt: skip
+            c,
+            self.host,
+            self.objective,
+            self.scoring,
+            stepper,
+            log,
+            self.outputs,
+            self.callbacks,
+            self.processes,
+            self.start_step,
+            self._prompt_words() if c.init_mode == "best-word" else [],
+        )
         try:
             stopped = loop.run()
         finally:

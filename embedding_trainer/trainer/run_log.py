@@ -128,9 +128,14 @@ class RunLog:
             self.smoothed = smoothed + (loss - smoothed) * 0.02 / self.ema_weight
             self.last_loss = loss
             self.writer.writerow(
-                [entry.step, f"{loss:.6g}", f"{self.smoothed:.6g}", f"{entry.learning_rate:.6g}",
-                 f"{self.elapsed_before + entry.elapsed_s:.3f}"]
-            )  # fmt: skip
+                [
+                    entry.step,
+                    f"{loss:.6g}",
+                    f"{self.smoothed:.6g}",
+                    f"{entry.learning_rate:.6g}",
+                    f"{self.elapsed_before + entry.elapsed_s:.3f}",
+                ]
+            )
             if self.callbacks.on_progress:
                 done = entry.step - self.start_step + self.other_starts_steps
                 it_per_s = done / entry.elapsed_s if entry.elapsed_s > 0 else 0.0

@@ -184,8 +184,10 @@ class Stepper:
         same decisions. Reading the flags waits for the step (on a GPU, one synchronisation per step)."""
         leaves = self.leaves.values()
         grads = [leaf.grad if leaf.grad is not None and error is None else None for leaf in leaves]
-        parts = [g.reshape(-1).float() if g is not None else torch.zeros(leaf.numel(), device=self.device)
-                 for g, leaf in zip(grads, leaves)]  # fmt: skip
+        parts = [
+            g.reshape(-1).float() if g is not None else torch.zeros(leaf.numel(), device=self.device)
+            for g, leaf in zip(grads, leaves)
+        ]
         report = self.processes.writes_files and time.perf_counter() - self.last_report >= self.report_interval_s
         votes = torch.tensor([float(self.stop_vote), float(report)], device=self.device)
         buffer = torch.cat([*parts, total.float().reshape(1), votes])

@@ -133,8 +133,14 @@ class WebUIGlue:
         auth = basic_auth_dependency(credentials) if credentials else None
         routes = register_routes(app, self.manager, auth)
         if self.symbols.forge is not None:  # the API object's own list behind GET /sdapi/v1/embeddings
-            listing = next((getattr(getattr(r.endpoint, "__self__", None), "embedding_db", None)
-                            for r in app.routes if getattr(r, "path", "") == "/sdapi/v1/embeddings"), None)  # fmt: skip
+            listing = next(
+                (
+                    getattr(getattr(r.endpoint, "__self__", None), "embedding_db", None)
+                    for r in app.routes
+                    if getattr(r, "path", "") == "/sdapi/v1/embeddings"
+                ),
+                None,
+            )
             if listing is not None:
                 self.embedding_listings.append(listing)
         logger.info("Embedding Trainer API: %d routes under /embtrain/v1%s", len(routes), " (auth)" if auth else "")

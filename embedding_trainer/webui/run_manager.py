@@ -77,8 +77,17 @@ class PreviewOptions:
 def _run_option(
     name: str, kind: str, default: Any, text: str, minimum: int | None, maximum: int | None = None
 ) -> dict[str, Any]:
-    return {"name": name, "type": kind, "default": default, "help": text, "choices": None, "min": minimum,
-            "max": maximum, "min_exclusive": None, "accepts_number": False}  # fmt: skip
+    return {
+        "name": name,
+        "type": kind,
+        "default": default,
+        "help": text,
+        "choices": None,
+        "min": minimum,
+        "max": maximum,
+        "min_exclusive": None,
+        "accepts_number": False,
+    }
 
 
 #: Options of a run that are not part of ``TrainConfig`` (described like its fields, for forms and the API).

@@ -295,17 +295,25 @@ def result_html(status: dict[str, Any] | None, error: str | None = None) -> str:
         if result.get("held_out_loss") is not None:
             best = result.get("vectors_step") != result.get("steps")
             rows.append(
-                ("File holds", f"step {result.get('vectors_step')}'s vectors, held-out loss "
-                 f"{_loss(result.get('held_out_loss'))}" + (" (the best score of the run)" if best else ""))
-            )  # fmt: skip
+                (
+                    "File holds",
+                    f"step {result.get('vectors_step')}'s vectors, held-out loss "
+                    f"{_loss(result.get('held_out_loss'))}" + (" (the best score of the run)" if best else ""),
+                )
+            )
         if result.get("early_stopped"):
             rows.append(("Stopped early", "the held-out score had stopped improving"))
         if result.get("init_choice"):
             rows.append(("Init word", f"'{result['init_choice']}' (the lowest loss on the images)"))
         if result.get("chosen_start"):
             scores = result.get("start_scores") or []
-            rows.append(("Start", f"{result['chosen_start']} of {len(scores)}, the lowest held-out loss "
-                                  f"({', '.join(_loss(s) for s in scores)})"))  # fmt: skip
+            rows.append(
+                (
+                    "Start",
+                    f"{result['chosen_start']} of {len(scores)}, the lowest held-out loss "
+                    f"({', '.join(_loss(s) for s in scores)})",
+                )
+            )
         rows.append(("File", result.get("embedding_path", "")))
         body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
         parts.append(f"<table class='embtrain-result'>{body}</table>")
@@ -397,34 +405,52 @@ def build_tab(glue: Any) -> list[tuple[Any, str, str]]:
             with gr.Column(scale=3, elem_id="embtrain_settings"):
                 with gr.Row():
                     name = gr.Textbox(
-                        label="Trigger word (name)", elem_id="embtrain_name", lines=1, placeholder="my-cat",
+                        label="Trigger word (name)",
+                        elem_id="embtrain_name",
+                        lines=1,
+                        placeholder="my-cat",
                         info=TrainConfig.fields()[0].metadata["help"],
-                    )  # fmt: skip
+                    )
                     existing = gr.Dropdown(
-                        label="Continue an existing embedding", elem_id="embtrain_init_file",
-                        choices=[NEW_EMBEDDING] + embedding_files(_embeddings_dir(glue)), value=NEW_EMBEDDING,
-                    )  # fmt: skip
+                        label="Continue an existing embedding",
+                        elem_id="embtrain_init_file",
+                        choices=[NEW_EMBEDDING] + embedding_files(_embeddings_dir(glue)),
+                        value=NEW_EMBEDDING,
+                    )
                     refresh = gr.Button("\U0001f504", elem_id="embtrain_refresh", elem_classes="embtrain-tool")
                 name_check = gr.HTML(elem_id="embtrain_name_check")
                 with gr.Row():
                     init_mode_spec = field_specs(("init_mode",))[0]
                     init_mode = gr.Dropdown(
-                        label="Initialization", value=defaults.init_mode, elem_id="embtrain_init_mode",
-                        choices=[c for c in init_mode_spec.choices or () if c != "file"], info=init_mode_spec.info,
-                    )  # fmt: skip
+                        label="Initialization",
+                        value=defaults.init_mode,
+                        elem_id="embtrain_init_mode",
+                        choices=[c for c in init_mode_spec.choices or () if c != "file"],
+                        info=init_mode_spec.info,
+                    )
                     init_text = gr.Textbox(
-                        label="Initialization text", value=defaults.init_text, lines=1, elem_id="embtrain_init_text",
+                        label="Initialization text",
+                        value=defaults.init_text,
+                        lines=1,
+                        elem_id="embtrain_init_text",
                         info="A word close to the concept, e.g. 'cat' (new embeddings only).",
-                    )  # fmt: skip
+                    )
                     num_vectors = gr.Number(
-                        label="Vectors per token", value=defaults.num_vectors, precision=0, minimum=1, maximum=75,
+                        label="Vectors per token",
+                        value=defaults.num_vectors,
+                        precision=0,
+                        minimum=1,
+                        maximum=75,
                         elem_id="embtrain_num_vectors",
-                    )  # fmt: skip
+                    )
                 with gr.Row():
                     images = gr.Textbox(
-                        label="Images folder", lines=1, elem_id="embtrain_images",
-                        placeholder="/path/to/images", info="png, jpg, webp, bmp; captions from .txt files beside them",
-                    )  # fmt: skip
+                        label="Images folder",
+                        lines=1,
+                        elem_id="embtrain_images",
+                        placeholder="/path/to/images",
+                        info="png, jpg, webp, bmp; captions from .txt files beside them",
+                    )
                     check = gr.Button("Check dataset", elem_id="embtrain_check")
                 with gr.Row():
                     main_components = [component(spec) for spec in main_specs]

@@ -94,8 +94,12 @@ CLI_CASES = [
     Case("resolution-small", _train("--resolution", "32"), "resolution", "use at least 64"),
     Case("learning-rate-text", _train("--learning-rate", "fast"), "learning_rate", "0.005:100"),
     Case("vectors-too-many", _train("--num-vectors", "80"), "num_vectors", "75"),
-    Case("missing-init-file", _train("--init-mode", "file", "--init-file", "{tmp}/none.pt"), "init_file",
-         "give the path of an embedding file"),  # fmt: skip
+    Case(
+        "missing-init-file",
+        _train("--init-mode", "file", "--init-file", "{tmp}/none.pt"),
+        "init_file",
+        "give the path of an embedding file",
+    ),
     Case("missing-resume", _train("--resume", "{tmp}/no-run"), "resume", "check the path"),
     Case("missing-config", _train("--config", "{tmp}/none.json"), "config", "give the path of a JSON file"),
     Case("config-not-object", _config_file("[1, 2]"), "config", "must hold a JSON object"),
@@ -104,11 +108,16 @@ CLI_CASES = [
     Case("timestep-past-end", _train("--timestep-max", "1000"), "timestep_max", "past the model's last timestep"),
     Case("cuda-without-gpu", _train("--device", "cuda:0"), "device", "use cpu or auto"),
     Case("not-a-model-folder", lambda tmp, model, images: _train()(tmp, tmp, images), None, "model_index.json"),
-    Case("inspect-missing", lambda tmp, model, images: ["inspect", str(tmp / "gone.safetensors")], None,
-         "file not found"),  # fmt: skip
+    Case(
+        "inspect-missing", lambda tmp, model, images: ["inspect", str(tmp / "gone.safetensors")], None, "file not found"
+    ),
     Case("inspect-output-embedding", _one_trainer_output_embedding, None, "output embedding off"),
-    Case("convert-unknown-suffix", lambda tmp, model, images: ["convert", str(tmp / "a.safetensors"), str(tmp / "a.x")],
-         None, "name the file .safetensors (recommended), .pt or .png"),  # fmt: skip
+    Case(
+        "convert-unknown-suffix",
+        lambda tmp, model, images: ["convert", str(tmp / "a.safetensors"), str(tmp / "a.x")],
+        None,
+        "name the file .safetensors (recommended), .pt or .png",
+    ),
 ]
 
 
@@ -136,8 +145,12 @@ API_CASES = [
     Case("bad-choice", lambda tmp, m, i: {"crop": "left"}, "crop", "center, random"),
     Case("no-name", lambda tmp, m, i: {"name": ""}, "name", "the trigger word"),
     Case("missing-folder", lambda tmp, m, i: {"images": str(tmp / "nowhere")}, "images", "check the path"),
-    Case("template-without-name", lambda tmp, m, i: {"template": _write(tmp / "t.txt", "a cat\n")}, "template",
-         "add [name]"),  # fmt: skip
+    Case(
+        "template-without-name",
+        lambda tmp, m, i: {"template": _write(tmp / "t.txt", "a cat\n")},
+        "template",
+        "add [name]",
+    ),
     Case("bad-preview-option", lambda tmp, m, i: {"preview_steps": 0}, "preview_steps", "minimum 1"),
 ]
 

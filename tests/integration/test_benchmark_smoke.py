@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,9 +17,24 @@ def test_quick_benchmark_prints_ratios(tmp_path: Path):
     csv_path = tmp_path / "speed.csv"
     # One torch thread: on a shared 2-core machine two threads can make the tiny steps 10x slower.
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--quick", "--threads", "1", "--steps", "2", "--repeats", "2",
-         "--csv", str(csv_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.speed",
+            "--quick",
+            "--threads",
+            "1",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--csv",
+            str(csv_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()

@@ -200,8 +200,17 @@ def test_progress_without_a_terminal_is_a_plain_line_every_twentieth_of_the_run(
     lines = io.StringIO()  # not a terminal: a log file, a pipe, CI
     bar = driver.ProgressBar(lines)
     for step in range(1, 201):
-        bar(SimpleNamespace(step=step, total_steps=200, loss=0.5, smoothed_loss=0.25, learning_rate=0.005,
-                            it_per_s=20.0, eta_s=(200 - step) / 20))  # fmt: skip
+        bar(
+            SimpleNamespace(
+                step=step,
+                total_steps=200,
+                loss=0.5,
+                smoothed_loss=0.25,
+                learning_rate=0.005,
+                it_per_s=20.0,
+                eta_s=(200 - step) / 20,
+            )
+        )
     text = lines.getvalue()
     assert "\r" not in text and text.count("\n") == 20
     assert text.splitlines()[0].startswith("step 10/200 loss 0.5000") and text.splitlines()[-1].startswith("step 200/")
@@ -466,9 +475,24 @@ def test_render_draws_a_labelled_grid_with_the_embedding_and_its_trigger_changes
         return save_embedding(EmbeddingData("my-cat", vectors), tmp_path / f"e{seed}" / "my-cat.safetensors")
 
     def draw(path: Path, out: str) -> np.ndarray:
-        args = ["render", "--model", str(model), "--embedding", str(path), "--prompt", "a photo of my-cat",
-                "--prompt", "my-cat on a sofa", "--seeds", "1", "2", "--steps", "2",
-                "--out", str(tmp_path / out)]  # fmt: skip
+        args = [
+            "render",
+            "--model",
+            str(model),
+            "--embedding",
+            str(path),
+            "--prompt",
+            "a photo of my-cat",
+            "--prompt",
+            "my-cat on a sofa",
+            "--seeds",
+            "1",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / out),
+        ]
         assert cli.main(args) == 0, capsys.readouterr().err
         with Image.open(tmp_path / out) as grid:
             assert grid.size == (render.LABEL_WIDTH + 2 * 64, render.HEADER_HEIGHT + 2 * 64)

@@ -37,11 +37,20 @@ VECTOR_TOLERANCE = 1e-5
 
 
 def torchrun(*args: str, cwd: Path, processes: int = 2, **popen: object) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "embedding_trainer", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "embedding_trainer",
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, str]:
@@ -55,9 +64,25 @@ def finish(process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT_S) -> tupl
 
 
 def run_args(model: Path, images: Path, root: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--images", str(images), "--name", "my-cat", "--resolution", "64",
-            "--output-dir", str(root / "out"), "--run-dir", str(root / "run"), "--device", "cpu", "--quiet",
-            *extra]  # fmt: skip
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--images",
+        str(images),
+        "--name",
+        "my-cat",
+        "--resolution",
+        "64",
+        "--output-dir",
+        str(root / "out"),
+        "--run-dir",
+        str(root / "run"),
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def vectors(path: Path) -> dict[str, torch.Tensor]:
@@ -153,11 +178,24 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, t
     weights: the 2-process run writes the files one process writes, with the same vectors (within tolerance); a
     2-process resume continues it to the same end."""
     model = tiny_model_dirs("sd1")
-    options = ("--batch-size", "3", "--grad-accum", "2", "--noise-offset", "0.05", "--min-snr-gamma", "5",
-               "--eval-every", "2", "--save-every", "2")  # fmt: skip
+    options = (
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "2",
+        "--noise-offset",
+        "0.05",
+        "--min-snr-gamma",
+        "5",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+    )
     assert main(run_args(model, images, tmp_path / "one", "--max-steps", "4", *options)) == 0
-    code, output = finish(torchrun(*run_args(model, images, tmp_path / "two", "--max-steps", "4", *options),
-                                   cwd=tmp_path))  # fmt: skip
+    code, output = finish(
+        torchrun(*run_args(model, images, tmp_path / "two", "--max-steps", "4", *options), cwd=tmp_path)
+    )
     assert code == 0, output
     one, two = tmp_path / "one", tmp_path / "two"
     assert_close(vectors(one / "out/my-cat.safetensors"), vectors(two / "out/my-cat.safetensors"))
@@ -174,12 +212,16 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path, t
 
     # Resume: two processes train 3 steps saving every step, then two processes continue from the save at step 2.
     half = tmp_path / "half"
-    code, output = finish(torchrun(*run_args(model, images, half, *options, "--max-steps", "3", "--save-every", "1"),
-                                   cwd=tmp_path))  # fmt: skip
+    code, output = finish(
+        torchrun(*run_args(model, images, half, *options, "--max-steps", "3", "--save-every", "1"), cwd=tmp_path)
+    )
     assert code == 0, output
     (half / "out/my-cat.safetensors").unlink()  # the 3-step file; the resumed run writes the 4-step one
-    code, output = finish(torchrun("train", "--model", str(model), "--resume", str(half / "run"), "--max-steps", "4",
-                                   "--quiet", cwd=tmp_path))  # fmt: skip
+    code, output = finish(
+        torchrun(
+            "train", "--model", str(model), "--resume", str(half / "run"), "--max-steps", "4", "--quiet", cwd=tmp_path
+        )
+    )
     assert code == 0, output
     assert "resuming at step 2" in output
     assert_close(vectors(one / "out/my-cat.safetensors"), vectors(half / "out/my-cat.safetensors"))
@@ -199,8 +241,19 @@ def test_two_processes_match_one_with_buckets_random_crops_and_masks(tmp_path: P
         picture.putalpha(Image.new("L", picture.size, 255 if i else 96))  # one image partly transparent
         picture.save(images / f"tall-{i}.png")
     model = tiny_model_dirs("sd1")
-    options = ("--max-steps", "3", "--batch-size", "2", "--buckets", "--crop", "random", "--use-alpha-mask",
-               "--flip", "--eval-every", "0")  # fmt: skip
+    options = (
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--buckets",
+        "--crop",
+        "random",
+        "--use-alpha-mask",
+        "--flip",
+        "--eval-every",
+        "0",
+    )
     assert main(run_args(model, images, tmp_path / "one", *options)) == 0
     code, output = finish(torchrun(*run_args(model, images, tmp_path / "two", *options), cwd=tmp_path))
     assert code == 0, output
@@ -217,8 +270,22 @@ def test_an_error_in_one_process_ends_every_process_with_its_reason(tmp_path: Pa
     template = tmp_path / "template.txt"
     template.write_text("[filewords], a photo of [name]\n", encoding="utf-8")
     model = tiny_model_dirs("sd1")
-    launcher = torchrun(*run_args(model, images, tmp_path, "--max-steps", "20", "--batch-size", "2", "--eval-every",
-                                  "0", "--template", str(template)), cwd=tmp_path)  # fmt: skip
+    launcher = torchrun(
+        *run_args(
+            model,
+            images,
+            tmp_path,
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "0",
+            "--template",
+            str(template),
+        ),
+        cwd=tmp_path,
+    )
     code, output = finish(launcher)
     assert code != 0
     assert "is too long" in output, output  # the process that drew the image: the reason
@@ -265,8 +332,12 @@ def test_killing_one_process_ends_the_run_with_a_clear_error_and_keeps_what_was_
     # The saves are whole: one process resumes the run from the last one and finishes it.
     state = find_state(tmp_path / "run")
     step = int(load_state(state)[1]["step"])
-    assert main(["train", "--model", str(model), "--resume", str(tmp_path / "run"), "--max-steps", str(step + 2),
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["train", "--model", str(model), "--resume", str(tmp_path / "run"), "--max-steps", str(step + 2), "--quiet"]
+        )
+        == 0
+    )
     assert load_embedding(tmp_path / "out/my-cat.safetensors").step == step + 2
 
 
@@ -286,14 +357,29 @@ def test_a_job_file_spreads_over_two_processes_and_a_bad_job_does_not_stop_the_r
     ]
     job_file = tmp_path / "jobs.jsonl"
     job_file.write_text("\n".join(json.dumps(job) for job in jobs) + "\n", encoding="utf-8")
-    defaults = ("--model", str(model), "--max-steps", "3", "--resolution", "64", "--device", "cpu",
-                "--output-dir", str(out))  # fmt: skip
+    defaults = (
+        "--model",
+        str(model),
+        "--max-steps",
+        "3",
+        "--resolution",
+        "64",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+    )
     code, output = finish(torchrun("jobs", str(job_file), *defaults, cwd=tmp_path))
     assert code == 1, output  # some jobs failed
     summary = json.loads((tmp_path / "jobs.jsonl.summary.json").read_text())
     status = {job["name"]: job["status"] for job in summary["jobs"]}
-    assert status == {"cat-a": "finished", "cat-b": "failed", "cat-c": "finished", "cat-d": "failed",
-                      "cat-e": "finished"}  # fmt: skip
+    assert status == {
+        "cat-a": "finished",
+        "cat-b": "failed",
+        "cat-c": "finished",
+        "cat-d": "failed",
+        "cat-e": "finished",
+    }
     assert summary["processes"] == 2 and summary["counts"] == {"finished": 3, "failed": 2}
     assert {job["process"] for job in summary["jobs"]} == {0, 1}  # both processes took jobs
     errors = {job["name"]: job["error"] for job in summary["jobs"]}
@@ -320,9 +406,7 @@ def _wait_for_worker(launcher: subprocess.Popen, rank: int, ready: Path, rows: i
     while time.monotonic() < deadline:
         if launcher.poll() is not None:
             pytest.fail(f"torchrun ended early:\n{launcher.communicate()[0]}")
-        if ready.is_dir() and any(ready.iterdir()) or (
-            ready.is_file() and len(ready.read_text().splitlines()) > rows
-        ):
+        if ready.is_dir() and any(ready.iterdir()) or (ready.is_file() and len(ready.read_text().splitlines()) > rows):
             for pid in _descendants(launcher.pid):
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
@@ -351,8 +435,18 @@ def test_a_stopped_job_file_keeps_every_job_and_goes_on_where_it_stopped(
     jobs.append({"name": "cat-c", "images": str(images), "max_steps": 5000})
     job_file = tmp_path / "jobs.jsonl"
     job_file.write_text("\n".join(json.dumps(job) for job in jobs), encoding="utf-8")
-    defaults = ("--model", str(model), "--resolution", "64", "--device", "cpu", "--save-every", "10",
-                "--output-dir", "out")  # fmt: skip
+    defaults = (
+        "--model",
+        str(model),
+        "--resolution",
+        "64",
+        "--device",
+        "cpu",
+        "--save-every",
+        "10",
+        "--output-dir",
+        "out",
+    )
     launcher = torchrun("jobs", str(job_file), *defaults, cwd=tmp_path)
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     logs = [tmp_path / f"runs/cat-{x}/loss.csv" for x in "ab"]

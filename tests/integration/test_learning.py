@@ -26,7 +26,7 @@ from embedding_trainer.losses import add_noise, prediction_target
 from embedding_trainer.tools.tiny_models import build_tiny_components
 from embedding_trainer.trainer import Trainer, prepare_run
 
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.compat, pytest.mark.slow]  # teaches a tiny model its concepts first (about 30 s)
 
 PRETRAIN_STEPS, SEED = 250, 1
 COLOURS = {"alpha": (220, 40, 40), "beta": (40, 60, 220), "sks": (40, 200, 60)}

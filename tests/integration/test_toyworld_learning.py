@@ -136,8 +136,11 @@ def test_captioned_photos_name_their_other_attributes_and_never_the_concept(tmp_
             assert words and not [w for w in words if w.startswith(stems)], (name, words)
             for attribute in ("colour", "texture", "shape"):  # each attribute the concept leaves free is named
                 if attribute not in concept.attributes:
-                    table = {"colour": world.COLOUR_WORDS, "texture": world.TEXTURE_ADJECTIVES,
-                             "shape": world.SHAPE_WORDS}[attribute]  # fmt: skip
+                    table = {
+                        "colour": world.COLOUR_WORDS,
+                        "texture": world.TEXTURE_ADJECTIVES,
+                        "shape": world.SHAPE_WORDS,
+                    }[attribute]
                     value = table[getattr(scene, attribute)]
                     assert (value if isinstance(value, str) else value[-1]) in words, (name, attribute, words)
         template = learning.concept_template(concept, tmp_path, captions=True).read_text(encoding="utf-8")

@@ -79,8 +79,10 @@ def test_a_short_textual_inversion_run_teaches_it_the_held_out_heart(
         model, host, load_judges(), concept, learning.OUR_DEFAULTS, [BUDGET], tmp_path, images_per_prompt=4
     )
     before, after = run.scores[0], run.scores[BUDGET]
-    print(f"heart: reconstruction {before.reconstruction:.2f} -> {after.reconstruction:.2f}, "
-          f"editability {before.editability:.2f} -> {after.editability:.2f}")  # fmt: skip
+    print(
+        f"heart: reconstruction {before.reconstruction:.2f} -> {after.reconstruction:.2f}, "
+        f"editability {before.editability:.2f} -> {after.editability:.2f}"
+    )
     # The trigger starts as '*', which draws any shape; the trained one must draw hearts, also in new compositions.
     assert before.reconstruction <= 0.25 and after.reconstruction >= 0.75, (before, after)
     assert after.editability >= before.editability + 0.4, (before, after)

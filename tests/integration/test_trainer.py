@@ -366,7 +366,13 @@ def test_a_copied_run_folder_resumes_in_the_copy_and_never_replaces_another_runs
     assert result.run_dir == tmp_path / "copy" and result.steps == 6
     assert json.loads((tmp_path / "copy" / "config.json").read_text())["run_dir"] == str(tmp_path / "copy")
     assert [row.split(",")[0] for row in (tmp_path / "copy" / "loss.csv").read_text().splitlines()[1:]] == [
-        "1", "2", "3", "4", "5", "6"]  # fmt: skip
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+    ]
     assert _files(tmp_path / "run") == original  # loss.csv, config.json and last files untouched
     assert load_embedding(tmp_path / "out" / "my-cat.safetensors").step == 6
 
@@ -397,8 +403,11 @@ def test_loss_rows_up_to_each_save_are_on_disk_and_a_resume_from_an_earlier_save
 
 
 def test_a_run_removes_the_temporary_files_a_killed_run_left(tmp_path, host):
-    leftovers = [tmp_path / "out" / ".my-cat.safetensors.a1b2.tmp", tmp_path / "run" / ".loss.csv.x9.tmp",
-                 tmp_path / "run" / "saves" / ".my-cat-000002.state.safetensors.q.tmp"]  # fmt: skip
+    leftovers = [
+        tmp_path / "out" / ".my-cat.safetensors.a1b2.tmp",
+        tmp_path / "run" / ".loss.csv.x9.tmp",
+        tmp_path / "run" / "saves" / ".my-cat-000002.state.safetensors.q.tmp",
+    ]
     other = tmp_path / "out" / ".someone-else.safetensors.zz.tmp"
     for path in (*leftovers, other):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,10 @@ def snapshots() -> tuple[dict[int, dict[str, torch.Tensor]], Callbacks]:
 def test_the_held_out_score_is_the_same_for_the_same_vectors(tmp_path, host):
     trainer = Trainer(prepared(tmp_path), host)
     # (Not a uniform shift: every layer norm of the encoder takes the mean out, so a shift changes nothing.)
-    vectors = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in
-               trainer.vectors.items()}  # fmt: skip
+    vectors = {
+        k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
+        for k, v in trainer.vectors.items()
+    }
     first, second = trainer.held_out_loss(vectors), trainer.held_out_loss(vectors)
     assert first == second and math.isfinite(first)
     assert trainer.held_out_loss(trainer.vectors) != first  # other vectors, another score

@@ -208,8 +208,12 @@ def test_a_run_trains_and_its_status_has_steps_losses_and_the_result(tmp_path, a
     status = wait_done(client, job_id)
     assert status["state"] == "finished", status["error"]
     assert status["error"] is None and status["active"] is False
-    assert status["model"] == {"name": host.model_name, "family": "sd1", "prediction_type": "epsilon",
-                               "encoders": {"clip_l": 32}}  # fmt: skip
+    assert status["model"] == {
+        "name": host.model_name,
+        "family": "sd1",
+        "prediction_type": "epsilon",
+        "encoders": {"clip_l": 32},
+    }
     assert (status["step"], status["total_steps"]) == (3, 3)
     assert [point[0] for point in status["loss_history"]] == [1, 2, 3]
     assert all(isinstance(v, float) and v > 0 for point in status["loss_history"] for v in point[1:])
@@ -696,8 +700,16 @@ def _folder(tmp_path: Path, files: dict[str, bytes]) -> dict[str, Any]:
         (lambda tmp: {"init_mode": "file", "init_file": str(tmp / "none.pt")}, "init_file", "does not exist"),
         (lambda tmp: {"resume": str(tmp / "no-run")}, "resume", "neither a state file"),
     ],
-    ids=["missing-folder", "empty-folder", "no-images", "unreadable-images", "template-without-name",
-         "missing-template", "missing-init-file", "missing-resume"],
+    ids=[
+        "missing-folder",
+        "empty-folder",
+        "no-images",
+        "unreadable-images",
+        "template-without-name",
+        "missing-template",
+        "missing-init-file",
+        "missing-resume",
+    ],
 )
 def test_inputs_that_can_be_checked_before_queueing_are_422_naming_the_field(tmp_path, api, changes, field, words):
     client, manager = api()

@@ -70,8 +70,12 @@ def build_args() -> Iterator[list[str]]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield args + ["--build-arg", f"GITHUB={base}",
-                      "--build-arg", f"PIP_OPTIONS=--no-index --find-links {base}/wheels/"]  # fmt: skip
+        yield args + [
+            "--build-arg",
+            f"GITHUB={base}",
+            "--build-arg",
+            f"PIP_OPTIONS=--no-index --find-links {base}/wheels/",
+        ]
     finally:
         server.shutdown()
 
@@ -80,8 +84,12 @@ def build(dockerfile: str, tag: str, build_args: list[str]) -> str:
     started = time.perf_counter()
     built = subprocess.run(
         ["docker", "build", "--network", "host", "-f", dockerfile, *build_args, "-t", tag, "."],
-        cwd=ROOT, capture_output=True, text=True, timeout=3600, env={**os.environ, "DOCKER_BUILDKIT": "0"},
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     # Nothing of the build machine is baked in: the local sources' address and paths stay in the build stage.
     history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", tag).stdout
@@ -117,8 +125,18 @@ def test_the_trainer_image_runs_the_demo_as_a_user_and_inspects_a_file_from_a_vo
     user = docker("run", "--rm", "--entrypoint", "id", trainer_image, "-u", timeout=60)
     assert user.stdout.strip() == "1000"  # not root
 
-    inspected = docker("run", "--rm", "--network", "none", "-v", f"{out}:/data:ro", trainer_image, "inspect",
-                       "/data/embeddings/zyx-thing.safetensors", timeout=120)  # fmt: skip
+    inspected = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        f"{out}:/data:ro",
+        trainer_image,
+        "inspect",
+        "/data/embeddings/zyx-thing.safetensors",
+        timeout=120,
+    )
     assert inspected.returncode == 0, inspected.stderr
     assert "family: sd1" in inspected.stdout + inspected.stderr
 
@@ -133,10 +151,40 @@ def test_the_trainer_image_runs_the_same_torchrun_command(trainer_image, tmp_pat
     data.chmod(0o777)  # the image's user (uid 1000) writes here
     # The host's network: torchrun's processes reach its store by the container's hostname, which a container on
     # Docker's default bridge resolves too, but one without a network (--network none; no bridge here) does not.
-    run = docker("run", "--rm", "--network", "host", "-v", f"{data}:/data", "--entrypoint", "torchrun", trainer_image,
-                 "--standalone", "--nproc-per-node", "2", "-m", "embedding_trainer", "train", "--model", "/data/model",
-                 "--images", "/data/images", "--name", "dock-cat", "--max-steps", "5", "--batch-size", "4",
-                 "--output-dir", "/data/out", "--run-dir", "/data/run", "--device", "cpu", timeout=600)  # fmt: skip
+    run = docker(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-v",
+        f"{data}:/data",
+        "--entrypoint",
+        "torchrun",
+        trainer_image,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "embedding_trainer",
+        "train",
+        "--model",
+        "/data/model",
+        "--images",
+        "/data/images",
+        "--name",
+        "dock-cat",
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        "/data/out",
+        "--run-dir",
+        "/data/run",
+        "--device",
+        "cpu",
+        timeout=600,
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-3000:]
     assert "[process 0] finished after 5 steps" in output and "in 2 processes" in output
@@ -193,20 +241,42 @@ def test_the_webui_image_trains_through_the_api_and_the_trigger_works_in_txt2img
 
     port = free_port()
     args = [
-        "--network", "host", "-e", f"WEBUI_PORT={port}", "-e", "HF_HUB_OFFLINE=1", "-e", "TRANSFORMERS_OFFLINE=1",
-        "-v", f"{data}:/data", "-v", f"{photos}:/photos:ro", webui_image,
+        "--network",
+        "host",
+        "-e",
+        f"WEBUI_PORT={port}",
+        "-e",
+        "HF_HUB_OFFLINE=1",
+        "-e",
+        "TRANSFORMERS_OFFLINE=1",
+        "-v",
+        f"{data}:/data",
+        "-v",
+        f"{photos}:/photos:ro",
+        webui_image,
         # The CPU stand-ins for --gpus all: the CUDA build of torch runs on the CPU in full precision.
-        "--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch-cuda-test", "--no-download-sd-model",
-        "--ckpt", f"/data/models/Stable-diffusion/{checkpoint.name}",
-    ]  # fmt: skip
+        "--use-cpu",
+        "all",
+        "--no-half",
+        "--precision",
+        "full",
+        "--skip-torch-cuda-test",
+        "--no-download-sd-model",
+        "--ckpt",
+        f"/data/models/Stable-diffusion/{checkpoint.name}",
+    ]
     with running_container(webui_image, "embtrain-webui-test", args) as name:
         print(f"healthy after {wait_healthy(name, timeout=600):.0f} s")
         assert docker("exec", name, "id", "-u", timeout=60).stdout.strip() == "1000"  # not root
         client = Client(f"http://127.0.0.1:{port}")
         body = {
-            "name": learning.TRIGGER, "images": "/photos", "template": f"/photos/{template.name}",
-            "resolution": world.IMAGE_SIZE, "max_steps": 60, "seed": 0,
-        }  # fmt: skip
+            "name": learning.TRIGGER,
+            "images": "/photos",
+            "template": f"/photos/{template.name}",
+            "resolution": world.IMAGE_SIZE,
+            "max_steps": 60,
+            "seed": 0,
+        }
         started = time.perf_counter()
         status, reply = client.request("POST", "/embtrain/v1/runs", body)
         assert status == 200, reply
@@ -218,9 +288,18 @@ def test_the_webui_image_trains_through_the_api_and_the_trigger_works_in_txt2img
         status, listed = client.request("GET", "/sdapi/v1/embeddings")
         assert learning.TRIGGER in listed["loaded"], listed
         prompt = f"a photo of a {learning.TRIGGER}"
-        status, reply = client.request("POST", "/sdapi/v1/txt2img", {
-            "prompt": prompt, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler", "save_images": True,
-        })  # fmt: skip
+        status, reply = client.request(
+            "POST",
+            "/sdapi/v1/txt2img",
+            {
+                "prompt": prompt,
+                "steps": 4,
+                "width": 64,
+                "height": 64,
+                "sampler_name": "Euler",
+                "save_images": True,
+            },
+        )
         assert status == 200, reply
         infotext = json.loads(reply["info"])["infotexts"][0]
         assert f"{learning.TRIGGER}: {file_sha256(embedding)[:12]}" in ti_hashes(infotext), infotext

@@ -64,8 +64,16 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
     # SD1 with a preview in the middle: Forge generates it under inference_mode and may load weights anew, after
     # which the adapter must still get gradients. SD2 and SDXL (full-size OpenCLIP on the CPU) train 4 steps.
     steps = {"max_steps": 6, "preview_every": 3, "preview_steps": 2} if forge.family == "sd1" else {"max_steps": 4}
-    body = {"name": "forgecat", "images": str(tmp_path / "images"), "resolution": 64, "batch_size": 2,
-            "num_vectors": 2, "init_text": "cat", "weight_decay": 0.0, **steps}  # fmt: skip
+    body = {
+        "name": "forgecat",
+        "images": str(tmp_path / "images"),
+        "resolution": 64,
+        "batch_size": 2,
+        "num_vectors": 2,
+        "init_text": "cat",
+        "weight_decay": 0.0,
+        **steps,
+    }
     status, reply = forge.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(forge, reply["id"], timeout=900)
@@ -86,9 +94,17 @@ def test_train_in_forge_and_use_the_trigger_at_once(forge: Client, tmp_path: Pat
         )
         assert vectors.shape == (2, init.shape[0]) and (moved > 1e-6).all(), moved.tolist()
 
-    status, reply = forge.request("POST", "/sdapi/v1/txt2img", {
-        "prompt": "a photo of forgecat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
-    })  # fmt: skip
+    status, reply = forge.request(
+        "POST",
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": "a photo of forgecat",
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "sampler_name": "Euler",
+        },
+    )
     assert status == 200, reply
     infotext = json.loads(reply["info"])["infotexts"][0]
     assert re.search(r'\bTI: "?forgecat\b', infotext), infotext  # SDXL: TI: "forgecat, forgecat" (once per encoder)

@@ -26,9 +26,14 @@ from tests.webui import FORGE, FORGE_PYTHON, MISSING, PYTHON, WEBUI, forge_check
 
 CHROMIUM = os.environ.get("EMBTRAIN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 try:
     from playwright.sync_api import sync_playwright
@@ -64,8 +69,15 @@ def forge_ui(tmp_path_factory: pytest.TempPathFactory):
     (data / "config.json").write_text('{"show_progress_type": "Approx cheap"}', encoding="utf-8")
     # With --data-dir elsewhere, Forge's gradio 4 serves files only from the data folder unless told: its own
     # script.js would be refused (403) and no page script would run.
-    host_args = ["--always-cpu", "--clip-in-fp32", "--skip-python-version-check", "--ckpt-dir", str(models),
-                 "--gradio-allowed-path", str(FORGE)]  # fmt: skip
+    host_args = [
+        "--always-cpu",
+        "--clip-in-fp32",
+        "--skip-python-version-check",
+        "--ckpt-dir",
+        str(models),
+        "--gradio-allowed-path",
+        str(FORGE),
+    ]
     with launched(FORGE, FORGE_PYTHON, data, True, host_args) as base:
         yield base, data
 
@@ -132,8 +144,11 @@ def test_train_from_the_tab_with_previews(tab_host, tmp_path):
     with tab_page(base, tmp_path / "embtrain-tab.png") as page:
         # The checkpoint's own resolution (the tiny SD1's config: 8 latent pixels, so 64 px) is filled in when the
         # page loads; the learning rate is the default for every family (in table units).
-        _wait_js(page, f"() => gradioApp().querySelector('#embtrain_resolution input').value === '{resolution}'",
-                 "no default")  # fmt: skip
+        _wait_js(
+            page,
+            f"() => gradioApp().querySelector('#embtrain_resolution input').value === '{resolution}'",
+            "no default",
+        )
         assert _value(page, "embtrain_learning_rate") == TrainConfig().learning_rate
         assert _value(page, "embtrain_init_mode") == TrainConfig().init_mode
         _fill(page, "embtrain_name", "uicat")
@@ -148,15 +163,27 @@ def test_train_from_the_tab_with_previews(tab_host, tmp_path):
         page.locator("#embtrain_check").click()
         page.locator("#embtrain_dataset_report", has_text="4 usable image(s)").first.wait_for(timeout=60_000)
         page.locator("#embtrain_start").click()
-        _wait_js(page, "() => gradioApp().querySelector('#embtrain_result').innerText.includes('uicat.safetensors')",
-                 "no result")  # fmt: skip
-        _wait_js(page, "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 15",
-                 "no chart", timeout=30_000)  # fmt: skip
+        _wait_js(
+            page,
+            "() => gradioApp().querySelector('#embtrain_result').innerText.includes('uicat.safetensors')",
+            "no result",
+        )
+        _wait_js(
+            page,
+            "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 15",
+            "no chart",
+            timeout=30_000,
+        )
         # Previews at steps 5, 10 and 15, served by the API and decoded by the browser.
-        _wait_js(page, """() => {
+        _wait_js(
+            page,
+            """() => {
             const images = gradioApp().querySelectorAll('#embtrain_previews img');
             return images.length === 3 && Array.from(images).every(i => i.complete && i.naturalWidth === 64);
-        }""", "no previews", timeout=30_000)  # fmt: skip
+        }""",
+            "no previews",
+            timeout=30_000,
+        )
         captions = page.locator("#embtrain_previews figcaption").all_inner_texts()
         points = int(page.locator("#embtrain_loss_canvas").get_attribute("data-points") or 0)
         summary = page.locator("#embtrain_result").first.inner_text()
@@ -183,17 +210,25 @@ def test_name_warnings_and_stop_during_a_live_run(tab_host, tmp_path):
         _fill(page, "embtrain_name", "cat")  # one token the tokenizer knows
         page.locator("#embtrain_name_check", has_text="single token").first.wait_for(timeout=30_000)
         _fill(page, "embtrain_name", "stopcat-ti")
-        _wait_js(page, "() => gradioApp().querySelector('#embtrain_name_check').innerText.trim() === ''",
-                 "warnings left for a free name", timeout=30_000)  # fmt: skip
+        _wait_js(
+            page,
+            "() => gradioApp().querySelector('#embtrain_name_check').innerText.trim() === ''",
+            "warnings left for a free name",
+            timeout=30_000,
+        )
         _fill(page, "embtrain_images", str(tmp_path / "images"))
         _fill(page, "embtrain_max_steps", "100000")
         _fill(page, "embtrain_resolution", "64")
         page.locator("#embtrain_start").click()
-        _wait_js(page, "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 3",
-                 "no progress")  # fmt: skip
+        _wait_js(
+            page, "() => Number(gradioApp().getElementById('embtrain_loss_canvas').dataset.points) >= 3", "no progress"
+        )
         page.locator("#embtrain_stop").click()
-        _wait_js(page, "() => gradioApp().querySelector('#embtrain_result').innerText.includes('stopcat-ti')",
-                 "no result after Stop")  # fmt: skip
+        _wait_js(
+            page,
+            "() => gradioApp().querySelector('#embtrain_result').innerText.includes('stopcat-ti')",
+            "no result after Stop",
+        )
         summary = page.locator("#embtrain_result").first.inner_text()
     assert "stopped" in summary, summary
     assert (data / "embeddings" / "stopcat-ti.safetensors").is_file()
@@ -202,8 +237,12 @@ def test_name_warnings_and_stop_during_a_live_run(tab_host, tmp_path):
 def test_an_sdxl_checkpoint_gets_sdxl_defaults_on_page_load(tmp_path):
     with running_webui(tmp_path / "data", tmp_path / "tiny", with_ui=True, family="sdxl") as base:
         with tab_page(base, tmp_path / "embtrain-sdxl.png") as page:
-            _wait_js(page, "() => gradioApp().querySelector('#embtrain_resolution input').value === '1024'",
-                     "no SDXL default resolution", timeout=60_000)  # fmt: skip
+            _wait_js(
+                page,
+                "() => gradioApp().querySelector('#embtrain_resolution input').value === '1024'",
+                "no SDXL default resolution",
+                timeout=60_000,
+            )
             learning_rate = _value(page, "embtrain_learning_rate")
     assert learning_rate == TrainConfig().learning_rate  # in table units: the same rate for every family
 
@@ -230,30 +269,46 @@ def test_the_chart_follows_the_run_this_page_started_and_an_api_run_on_load(webu
             _fill(page, "embtrain_max_steps", str(steps))
             page.locator("#embtrain_start").click()
             if name == "charttwo":  # during the run: its own id, not the finished first run's
-                _wait_js(page, "() => gradioApp().getElementById('embtrain_loss_canvas').dataset.state === 'running'",
-                         "the second run is not charted while it runs")  # fmt: skip
+                _wait_js(
+                    page,
+                    "() => gradioApp().getElementById('embtrain_loss_canvas').dataset.state === 'running'",
+                    "the second run is not charted while it runs",
+                )
                 assert _chart(page)["run"] == _runs(page)["active_id"]
             result = f"() => gradioApp().querySelector('#embtrain_result').innerText.includes('{name}.safetensors')"
             _wait_js(page, result, f"no result for {name}")
             run_id = next(r["id"] for r in _runs(page)["runs"] if r["name"] == name)
-            _wait_js(page, f"""() => {{
+            _wait_js(
+                page,
+                f"""() => {{
                 const d = gradioApp().getElementById('embtrain_loss_canvas').dataset;
                 return d.run === '{run_id}' && d.state === 'finished' && Number(d.points) === {steps}
                     && Number(d.scores) >= 1;
-            }}""", f"the chart does not show {name} finished with {steps} points and its held-out score")  # fmt: skip
+            }}""",
+                f"the chart does not show {name} finished with {steps} points and its held-out score",
+            )
 
         # A run started through the API (another client) is followed live on page load.
-        started = page.evaluate("""(images) => fetch('./embtrain/v1/runs', {method: 'POST',
+        started = page.evaluate(
+            """(images) => fetch('./embtrain/v1/runs', {method: 'POST',
             headers: {'Content-Type': 'application/json'},
             body: JSON.stringify({name: 'apicat', images: images, max_steps: 100000})}).then(r => r.json())""",
-            str(tmp_path / "images"))  # fmt: skip
+            str(tmp_path / "images"),
+        )
         open_tab(page, base)
-        _wait_js(page, f"""() => {{
+        _wait_js(
+            page,
+            f"""() => {{
             const d = gradioApp().getElementById('embtrain_loss_canvas').dataset;
             return d.run === '{started["id"]}' && d.state === 'running' && Number(d.points) >= 3;
-        }}""", "the API's run is not followed on page load")  # fmt: skip
+        }}""",
+            "the API's run is not followed on page load",
+        )
         page.evaluate(f"() => fetch('./embtrain/v1/runs/{started['id']}/stop', {{method: 'POST'}})")
-        _wait_js(page, "() => gradioApp().getElementById('embtrain_loss_canvas').dataset.state === 'stopped'",
-                 "the followed run's end is not charted")  # fmt: skip
+        _wait_js(
+            page,
+            "() => gradioApp().getElementById('embtrain_loss_canvas').dataset.state === 'stopped'",
+            "the followed run's end is not charted",
+        )
         errors = page.errors
     assert not [e for e in errors if "embtrain" in e.lower()], errors

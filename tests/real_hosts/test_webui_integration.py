@@ -45,6 +45,7 @@ from tests.webui import (
 
 pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
 
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def webui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """One WebUI per family for the whole module (pytest runs every test of one family before the next)."""
@@ -79,8 +80,16 @@ def test_train_through_the_api_and_use_the_trigger_at_once(webui, tmp_path):
     from safetensors.torch import load_file
 
     make_images(tmp_path / "images", count=4)
-    body = {"name": "itcat", "images": str(tmp_path / "images"), "max_steps": 12, "resolution": 64,
-            "batch_size": 2, "num_vectors": 2, "init_text": "cat", "weight_decay": 0.0}  # fmt: skip
+    body = {
+        "name": "itcat",
+        "images": str(tmp_path / "images"),
+        "max_steps": 12,
+        "resolution": 64,
+        "batch_size": 2,
+        "num_vectors": 2,
+        "init_text": "cat",
+        "weight_decay": 0.0,
+    }
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
@@ -126,8 +135,13 @@ def test_errors_reach_the_api(webui, tmp_path):
     # What only the model can tell fails inside the run, and the error reaches the API: an init file of the wrong width.
     make_images(tmp_path / "images", count=4)
     save_embedding(EmbeddingData("odd", {"clip_l": torch.zeros(1, 17)}), tmp_path / "odd.safetensors")
-    body = {"name": "oddinit", "images": str(tmp_path / "images"), "resolution": 64, "init_mode": "file",
-            "init_file": str(tmp_path / "odd.safetensors")}  # fmt: skip
+    body = {
+        "name": "oddinit",
+        "images": str(tmp_path / "images"),
+        "resolution": 64,
+        "init_mode": "file",
+        "init_file": str(tmp_path / "odd.safetensors"),
+    }
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
@@ -140,11 +154,19 @@ def test_quality_options_on_the_real_host(webui, tmp_path):
     from safetensors.torch import load_file
 
     make_images(tmp_path / "images", count=4)
-    common = {"images": str(tmp_path / "images"), "resolution": 64, "batch_size": 2, "eval_every": 2,
-              "norm_band": 1.5, "final_vectors": "best"}  # fmt: skip
-    status, reply = webui.request("POST", "/embtrain/v1/runs", {**common, "name": "itbest", "max_steps": 4,
-                                                                "init_mode": "best-word", "starts": 2,
-                                                                "start_steps": 2})  # fmt: skip
+    common = {
+        "images": str(tmp_path / "images"),
+        "resolution": 64,
+        "batch_size": 2,
+        "eval_every": 2,
+        "norm_band": 1.5,
+        "final_vectors": "best",
+    }
+    status, reply = webui.request(
+        "POST",
+        "/embtrain/v1/runs",
+        {**common, "name": "itbest", "max_steps": 4, "init_mode": "best-word", "starts": 2, "start_steps": 2},
+    )
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
     assert run["state"] == "finished", run["error"]
@@ -158,8 +180,16 @@ def test_quality_options_on_the_real_host(webui, tmp_path):
     assert float(data.metadata["held_out_loss"]) == pytest.approx(run["result"]["held_out_loss"], rel=1e-5)
 
     # One tiny step from the encoder's output for "cat": far from the token row of "cat" in every encoder.
-    body = {**common, "name": "itcross", "max_steps": 1, "init_mode": "encoder-output", "init_text": "cat",
-            "num_vectors": 1, "learning_rate": "1e-6", "norm_band": 0.0}  # fmt: skip
+    body = {
+        **common,
+        "name": "itcross",
+        "max_steps": 1,
+        "init_mode": "encoder-output",
+        "init_text": "cat",
+        "num_vectors": 1,
+        "learning_rate": "1e-6",
+        "norm_band": 0.0,
+    }
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     run = wait_finished(webui, reply["id"])
@@ -175,8 +205,14 @@ def test_quality_options_on_the_real_host(webui, tmp_path):
 def test_checkpointing_and_stop_on_the_real_host(webui, tmp_path):
     make_images(tmp_path / "images", count=4)
     # Random init reads the host's token-embedding tables (the OpenCLIP ones for SD2/SDXL).
-    body = {"name": "itstop", "images": str(tmp_path / "images"), "max_steps": 100000, "resolution": 64,
-            "gradient_checkpointing": True, "init_mode": "random"}  # fmt: skip
+    body = {
+        "name": "itstop",
+        "images": str(tmp_path / "images"),
+        "max_steps": 100000,
+        "resolution": 64,
+        "gradient_checkpointing": True,
+        "init_mode": "random",
+    }
     status, reply = webui.request("POST", "/embtrain/v1/runs", body)
     assert status == 200, reply
     deadline = time.monotonic() + 120
@@ -199,8 +235,16 @@ def test_medvram_previews_and_vae_in_ram(family, tmp_path):
     data = tmp_path / "data"
     with running_webui(data, tmp_path / "tiny", with_ui=False, family=family, extra_args=["--medvram"]) as base:
         client = Client(base)
-        body = {"name": "medcat", "images": str(tmp_path / "images"), "max_steps": 6, "resolution": 64,
-                "vae_to_cpu": True, "gradient_checkpointing": True, "preview_every": 3, "preview_steps": 2}  # fmt: skip
+        body = {
+            "name": "medcat",
+            "images": str(tmp_path / "images"),
+            "max_steps": 6,
+            "resolution": 64,
+            "vae_to_cpu": True,
+            "gradient_checkpointing": True,
+            "preview_every": 3,
+            "preview_steps": 2,
+        }
         status, reply = client.request("POST", "/embtrain/v1/runs", body)
         assert status == 200, reply
         run = wait_finished(client, reply["id"])
@@ -208,7 +252,7 @@ def test_medvram_previews_and_vae_in_ram(family, tmp_path):
         assert run["preview_at_steps"] == [3, 6]
         assert all(Path(p).is_file() for p in run["preview_paths"])
         path = Path(run["result"]["embedding_path"])
-        assert f'medcat: {file_sha256(path)[:12]}' in infotext(client, "a photo of medcat")
+        assert f"medcat: {file_sha256(path)[:12]}" in infotext(client, "a photo of medcat")
     assert "medvram" in (data / "webui.log").read_text(errors="replace")
 
 
@@ -216,10 +260,12 @@ def test_api_auth_and_early_checks_as_a_client_of_the_real_host_sees_them(tmp_pa
     """With ``--api-auth`` every route asks for the credentials. The host reshapes every HTTP error raised in a route
     or dependency into its own body and drops the ``WWW-Authenticate`` header; the README says so. A bad folder is
     refused at submission (422, naming the field), and our own JSON error bodies pass through unchanged."""
+
     def call(base: str, credentials: str | None, body: Any = None) -> tuple[int, dict[str, str], Any]:
         method = "POST" if body is not None else "GET"
-        request = urllib.request.Request(base + "/embtrain/v1/runs", method=method,
-                                         data=json.dumps(body).encode() if body is not None else None)  # fmt: skip
+        request = urllib.request.Request(
+            base + "/embtrain/v1/runs", method=method, data=json.dumps(body).encode() if body is not None else None
+        )
         request.add_header("Content-Type", "application/json")
         if credentials:
             request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
@@ -234,8 +280,12 @@ def test_api_auth_and_early_checks_as_a_client_of_the_real_host_sees_them(tmp_pa
         wrong = call(base, "alice:nope")
         listed = call(base, "alice:s3cret")
         bad_folder = call(base, "alice:s3cret", {"name": "authcat", "images": str(tmp_path / "nowhere")})
-    assert missing[0] == 401 and missing[2] == {"error": "HTTPException", "detail": "Authentication required",
-                                                "body": "", "errors": ""}  # fmt: skip
+    assert missing[0] == 401 and missing[2] == {
+        "error": "HTTPException",
+        "detail": "Authentication required",
+        "body": "",
+        "errors": "",
+    }
     assert wrong[0] == 401 and wrong[2]["detail"] == "Incorrect username or password"
     assert "www-authenticate" not in {k.lower() for k in missing[1]}
     assert listed[0] == 200 and listed[2]["runs"] == []
@@ -266,16 +316,21 @@ def test_picture_cards_load_both_ways(webui, tmp_path: Path) -> None:
     width = 32  # the tiny SD1's CLIP width
     ours = torch.randn(2, width, generator=torch.Generator().manual_seed(5))
     picture = Image.new("RGB", (64, 64), (30, 60, 200))
-    save_embedding(EmbeddingData("ourcard", {"clip_l": ours}, step=3), webui.data / "embeddings" / "ourcard.png",
-                   picture=picture)  # fmt: skip
+    save_embedding(
+        EmbeddingData("ourcard", {"clip_l": ours}, step=3), webui.data / "embeddings" / "ourcard.png", picture=picture
+    )
     assert webui.request("POST", "/sdapi/v1/refresh-embeddings")[0] == 200
     loaded = webui.request("GET", "/sdapi/v1/embeddings")[1]["loaded"]
     assert loaded["ourcard"]["vectors"] == 2 and loaded["ourcard"]["shape"] == width and loaded["ourcard"]["step"] == 3
 
     torch.save(ours * 2, tmp_path / "vec.pt")
     text_card, band_card = tmp_path / "theircard.png", tmp_path / "theircard-bands.png"
-    subprocess.run([PYTHON, "-c", _THEIR_CARD, str(tmp_path / "vec.pt"), str(text_card), str(band_card)], cwd=WEBUI,
-                   check=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [PYTHON, "-c", _THEIR_CARD, str(tmp_path / "vec.pt"), str(text_card), str(band_card)],
+        cwd=WEBUI,
+        check=True,
+        timeout=300,
+    )
     for card in (text_card, band_card):
         data = load_embedding(card)
         assert (data.name, data.step, data.layout) == ("theircard", 7, "webui_card")

@@ -19,8 +19,24 @@ pytestmark = pytest.mark.skipif(not (WEBUI and PYTHON), reason=MISSING)
 
 
 def test_the_benchmark_times_both_trainers_and_the_bound_in_one_webui(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "benchmarks.webui_speed", "--steps", "14", "--skip", "3", "--repeats", "1",
-               "--batches", "1", "--bound-steps", "3", "--idle-team", "--out", str(tmp_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.webui_speed",
+        "--steps",
+        "14",
+        "--skip",
+        "3",
+        "--repeats",
+        "1",
+        "--batches",
+        "1",
+        "--bound-steps",
+        "3",
+        "--idle-team",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| sd1")]

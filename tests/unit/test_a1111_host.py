@@ -217,8 +217,12 @@ class Attention:
     """Shaped like ``modules.sd_hijack``: the implementations, the current one, and the function that switches."""
 
     def __init__(self, current: str | None):
-        self.optimizers = [Optimizer("sdp-no-mem", "no mem"), Optimizer("sdp", "scaled dot product"),
-                           Optimizer("InvokeAI"), Optimizer("xformers")]  # fmt: skip
+        self.optimizers = [
+            Optimizer("sdp-no-mem", "no mem"),
+            Optimizer("sdp", "scaled dot product"),
+            Optimizer("InvokeAI"),
+            Optimizer("xformers"),
+        ]
         self.current_optimizer = next((o for o in self.optimizers if o.name == current), None)
         self.applied: list[str] = []
 

@@ -120,8 +120,13 @@ def test_modes_become_rgb_and_alpha_becomes_a_mask(tmp_path: Path) -> None:
 
     flags = {r.path.name: r.has_alpha for r in scan_dataset(tmp_path).records}
     assert flags == {
-        "cmyk.jpg": False, "g16.png": False, "l.png": False, "la.png": True,
-        "pal.png": False, "pal_t.png": True, "rgba.png": True,
+        "cmyk.jpg": False,
+        "g16.png": False,
+        "l.png": False,
+        "la.png": True,
+        "pal.png": False,
+        "pal_t.png": True,
+        "rgba.png": True,
     }
 
 

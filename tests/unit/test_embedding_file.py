@@ -560,8 +560,12 @@ def test_inspect_recognises_the_trainers_own_run_states(tmp_path: Path, capsys: 
 
 
 def test_a_onetrainer_output_embedding_and_an_old_format_parameter_dict_are_named_for_what_they_are(tmp_path: Path):
-    sdxl = {"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280),
-            "clip_l_out": torch.randn(2, 768), "clip_g_out": torch.randn(2, 1280)}  # fmt: skip
+    sdxl = {
+        "clip_l": torch.zeros(2, 768),
+        "clip_g": torch.zeros(2, 1280),
+        "clip_l_out": torch.randn(2, 768),
+        "clip_g_out": torch.randn(2, 1280),
+    }
     safetensors.torch.save_file(sdxl, str(tmp_path / "ot.safetensors"))
     with pytest.raises(EmbeddingFileError, match="OneTrainer embedding saved with its output-embedding option"):
         ef.load_embedding(tmp_path / "ot.safetensors")

@@ -348,8 +348,13 @@ def _check_open_clip_tower(ck: dict[str, torch.Tensor], prefix: str, hf: dict[st
             )
             assert torch.equal(v, hf[f"{src}self_attn.v_proj.{kind}"])
             used.add(f"{prefix}{dst}attn.in_proj_{kind}")
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):  # fmt: skip
+            for a, b in (
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
                 same(f"{dst}{b}.{kind}", hf[f"{src}{a}.{kind}"])
     # 6 q/k/v tensors per layer became 2 in_proj tensors.
     assert len(used) == len(hf) - 4 * layers
@@ -459,8 +464,12 @@ def test_sdxl_config_is_sgm(loadable: Any) -> None:
         *["ConcatTimestepEmbedderND"] * 3,
     ]
     assert [e["input_key"] for e in embedders] == [
-        "txt", "txt", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple",
-    ]  # fmt: skip
+        "txt",
+        "txt",
+        "original_size_as_tuple",
+        "crop_coords_top_left",
+        "target_size_as_tuple",
+    ]
     clip_l, clip_g = embedders[0]["params"], embedders[1]["params"]
     assert clip_l == {"version": str(result.text_encoder_dir.resolve()), "layer": "hidden", "layer_idx": 1}
     assert clip_g["arch"] == result.open_clip_arch == "tiny-sdxl.open_clip" and clip_g["layer"] == "penultimate"
@@ -573,9 +582,18 @@ def test_real_sized_open_clip_towers_use_the_built_in_archs(tmp_path: Path) -> N
     g = {"hidden_size": 1280, "num_attention_heads": 20, "num_hidden_layers": 32, "hidden_act": "gelu"}
     sd2 = ModelParts({}, {}, {}, {}, {}, h, {}, {}, "sd2")
     sdxl = ModelParts(
-        {}, {}, {}, {}, {}, {"hidden_act": "quick_gelu"}, {}, {}, "sdxl",
-        text_encoder_2={"text_projection.weight": torch.empty(1280, 1280)}, text_encoder_2_config=g,
-    )  # fmt: skip
+        {},
+        {},
+        {},
+        {},
+        {},
+        {"hidden_act": "quick_gelu"},
+        {},
+        {},
+        "sdxl",
+        text_encoder_2={"text_projection.weight": torch.empty(1280, 1280)},
+        text_encoder_2_config=g,
+    )
     assert open_clip_arch(sd2, tmp_path / "x.open_clip.json") == ("ViT-H-14", None)
     assert open_clip_arch(sdxl, tmp_path / "x.open_clip.json") == ("ViT-bigG-14", None)
     narrower = ModelParts({}, {}, {}, {}, {}, {**h, "num_attention_heads": 8}, {}, {}, "sd2")
@@ -596,12 +614,20 @@ def test_open_clip_conversion_refusals() -> None:
             "layer_norm2",
             "mlp.fc1",
             "mlp.fc2",
-        )  # fmt: skip
+        )
         for k in ("weight", "bias")
     }
-    good.update({f"text_model.{k}": torch.zeros(1) for k in (
-        "embeddings.token_embedding.weight", "embeddings.position_embedding.weight", "final_layer_norm.weight",
-        "final_layer_norm.bias")})  # fmt: skip
+    good.update(
+        {
+            f"text_model.{k}": torch.zeros(1)
+            for k in (
+                "embeddings.token_embedding.weight",
+                "embeddings.position_embedding.weight",
+                "final_layer_norm.weight",
+                "final_layer_norm.bias",
+            )
+        }
+    )
     assert len(convert_open_clip_text(good, config)) == len(good) - 4
     with pytest.raises(ExportError, match="no OpenCLIP name for 1 tensor.*vision_model"):
         convert_open_clip_text({**good, "vision_model.x.weight": torch.zeros(1)}, config)
@@ -789,9 +815,11 @@ def _diffusers_reference(folder: Path, family: str) -> dict[str, Any]:
             ref["text_embeds"] = torch.randn(2, 64, generator=generator)
             ref["time_ids"] = torch.tensor([[64.0, 96, 0, 0, 64, 96], [1024.0, 512, 16, 32, 768, 512]])
             ref["unet"] = unet(
-                ref["x"], ref["t"], ref["context"],
+                ref["x"],
+                ref["t"],
+                ref["context"],
                 added_cond_kwargs={"text_embeds": ref["text_embeds"], "time_ids": ref["time_ids"]},
-            ).sample  # fmt: skip
+            ).sample
             tokens_l, out_l = encode("text_encoder", CLIPTextModel)
             tokens_g, out_g = encode("text_encoder_2", CLIPTextModelWithProjection)
             ids.update(clip_l=tokens_l[0].tolist(), clip_g=tokens_g[0].tolist())
@@ -804,9 +832,11 @@ def _diffusers_reference(folder: Path, family: str) -> dict[str, Any]:
                 [ref["pooled"], unet.add_time_proj(ref["text_time_ids"].flatten()).reshape(1, -1)], 1
             )
             ref["unet_from_prompt"] = unet(
-                ref["x"][:1], ref["t"][:1], ref["crossattn"],
+                ref["x"][:1],
+                ref["t"][:1],
+                ref["crossattn"],
                 added_cond_kwargs={"text_embeds": ref["pooled"], "time_ids": ref["text_time_ids"]},
-            ).sample  # fmt: skip
+            ).sample
         else:
             ref["unet"] = unet(ref["x"], ref["t"], ref["context"]).sample
             tokens, out = encode("text_encoder", CLIPTextModel)

@@ -80,9 +80,23 @@ class EmbeddingDatabase:
 class Txt2Img:
     """The keyword arguments of the host's ``StableDiffusionProcessingTxt2Img`` that previews use (v1.10)."""
 
-    def __init__(self, *, sd_model=None, prompt="", negative_prompt="", seed=-1, sampler_name=None, steps=50,
-                 cfg_scale=7.0, width=512, height=512, batch_size=1, n_iter=1, do_not_save_samples=False,
-                 do_not_save_grid=False):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        sd_model=None,
+        prompt="",
+        negative_prompt="",
+        seed=-1,
+        sampler_name=None,
+        steps=50,
+        cfg_scale=7.0,
+        width=512,
+        height=512,
+        batch_size=1,
+        n_iter=1,
+        do_not_save_samples=False,
+        do_not_save_grid=False,
+    ):
         self.prompt, self.seed, self.steps, self.size = prompt, seed, steps, (width, height)
         self.do_not_reload_embeddings = False
         self.closed = False
@@ -101,9 +115,10 @@ def fake_processing(calls: list[Any]) -> types.SimpleNamespace:
         return types.SimpleNamespace(images=[Image.new("RGB", p.size, (len(calls), 0, 0))])
 
     return types.SimpleNamespace(
-        StableDiffusionProcessing=processing_class, StableDiffusionProcessingTxt2Img=Txt2Img,
+        StableDiffusionProcessing=processing_class,
+        StableDiffusionProcessingTxt2Img=Txt2Img,
         process_images=process_images,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -111,9 +126,13 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamesp
     """Stand-in ``modules`` package; returns handles to what the glue touches."""
     registered: dict[str, list[Any]] = {}
     fakes = types.SimpleNamespace(
-        callbacks=registered, opts=Options(), state=State(), db=EmbeddingDatabase(), lock=threading.Lock(),
+        callbacks=registered,
+        opts=Options(),
+        state=State(),
+        db=EmbeddingDatabase(),
+        lock=threading.Lock(),
         generations=[],
-    )  # fmt: skip
+    )
     shared = types.ModuleType("modules.shared")
     shared.opts, shared.state, shared.OptionInfo, shared.sd_model = fakes.opts, fakes.state, OptionInfo, None
     shared.cmd_opts = types.SimpleNamespace(embeddings_dir=str(tmp_path / "embeddings"), api_auth="ann:se:cret")
@@ -143,8 +162,12 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamesp
 def test_the_entry_script_only_registers_callbacks(webui):
     runpy.run_path(str(ROOT / "scripts" / "embedding_trainer_entry.py"))
     assert sorted(webui.callbacks) == [
-        "on_app_started", "on_before_reload", "on_script_unloaded", "on_ui_settings", "on_ui_tabs"
-    ]  # fmt: skip
+        "on_app_started",
+        "on_before_reload",
+        "on_script_unloaded",
+        "on_ui_settings",
+        "on_ui_tabs",
+    ]
     assert len((ROOT / "scripts" / "embedding_trainer_entry.py").read_text().splitlines()) <= 5
     assert [p.name for p in (ROOT / "scripts").glob("*.py")] == ["embedding_trainer_entry.py"]
 

@@ -64,8 +64,18 @@ def test_name_warnings_and_result_summary():
     assert tab.name_warnings("cat", [], 1)[0].startswith("'cat' is a single token")
     assert "already exists" in tab.name_warnings("mine", ["sub/mine.pt"], 3)[0]
     assert tab.name_warnings("fine-name", [], 4) == []
-    status = {"state": "finished", "result": {"steps": 5, "embedding_step": 5, "elapsed_s": 3.0, "final_loss": 0.5,
-              "smoothed_loss": 0.6, "embedding_path": "/e/x.safetensors"}, "warnings": []}  # fmt: skip
+    status = {
+        "state": "finished",
+        "result": {
+            "steps": 5,
+            "embedding_step": 5,
+            "elapsed_s": 3.0,
+            "final_loss": 0.5,
+            "smoothed_loss": 0.6,
+            "embedding_path": "/e/x.safetensors",
+        },
+        "warnings": [],
+    }
     html = tab.result_html({**status, "resolution": 64})
     assert "/e/x.safetensors" in html and "0.5" in html and "64 px" in html
     assert "embtrain-error" in tab.result_html({"error": "Boom: bad"})

@@ -42,9 +42,11 @@ def sample(
         chunk = list(prompts[start : start + batch_size])
         n = len(chunk)
         noise = torch.stack(
-            [torch.randn((4, size, size), generator=torch.Generator().manual_seed(seed * 100_003 + start + i))
-             for i in range(n)]
-        ).to(device)  # fmt: skip
+            [
+                torch.randn((4, size, size), generator=torch.Generator().manual_seed(seed * 100_003 + start + i))
+                for i in range(n)
+            ]
+        ).to(device)
         cond = model.text_encoder(tokenize(model.tokenizer, chunk).to(device))[0]
         context = torch.cat([uncond.expand(n, -1, -1), cond])
         scheduler.set_timesteps(steps)

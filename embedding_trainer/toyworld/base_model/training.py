@@ -189,8 +189,14 @@ def train_vae(
 
     logger.info(
         "vae: step %d of %d, batch %d, lr %g, %d params, device %s, %d threads",
-        step, cfg.steps, cfg.batch, cfg.lr, parameter_count(vae), device, torch.get_num_threads(),
-    )  # fmt: skip
+        step,
+        cfg.steps,
+        cfg.batch,
+        cfg.lr,
+        parameter_count(vae),
+        device,
+        torch.get_num_threads(),
+    )
     vae.train()
     started = time.monotonic()
     window: list[dict[str, float]] = []
@@ -231,9 +237,17 @@ def train_vae(
             history.append({"step": step, **mean, "steps_per_s": rate})
             logger.info(
                 "vae %d/%d loss %.4f (pixel %.4f colour %.4f edge %.4f texture %.4f kl %.3g) %.2f steps/s %.0f img/s",
-                step, cfg.steps, mean["loss"], mean["pixel"], mean["colour"], mean["edge"], mean["texture"], mean["kl"],
-                rate, rate * cfg.batch,
-            )  # fmt: skip
+                step,
+                cfg.steps,
+                mean["loss"],
+                mean["pixel"],
+                mean["colour"],
+                mean["edge"],
+                mean["texture"],
+                mean["kl"],
+                rate,
+                rate * cfg.batch,
+            )
             window, window_start, window_step = [], now, step
         if step % save_every == 0:
             save()
@@ -329,9 +343,18 @@ def train_unet(
     logger.info(
         "unet: step %d of %d, batch %d, lr %g, UNet %d + text encoder %d params, %d images x %d captions "
         "(%d distinct), device %s, %d threads",
-        step, cfg.steps, cfg.batch, cfg.lr, parameter_count(unet), parameter_count(text_encoder), len(captions),
-        cfg.caption_variants, len(unique), device, torch.get_num_threads(),
-    )  # fmt: skip
+        step,
+        cfg.steps,
+        cfg.batch,
+        cfg.lr,
+        parameter_count(unet),
+        parameter_count(text_encoder),
+        len(captions),
+        cfg.caption_variants,
+        len(unique),
+        device,
+        torch.get_num_threads(),
+    )
     unet.train()
     text_encoder.train()
     started = time.monotonic()
