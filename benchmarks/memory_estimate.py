@@ -3,8 +3,8 @@
 The real-size models (SD1.5, SD2.1, SDXL: UNet and CLIP text encoders from their published configs, as
 ``benchmarks/archs.py`` builds them; nothing is downloaded) are built on the meta device and turned into fp16 fake
 tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): every op computes shapes, dtypes and strides, nothing
-is allocated. The components are wrapped in the project's ``DiffusersHost`` and one step runs as ``Trainer._loss`` and
-``Trainer._optimizer_step`` run it: ``training_session(gradient_checkpointing)``, then under autocast
+is allocated. The components are wrapped in the project's ``DiffusersHost`` and one step runs as the trainer's
+``Objective.loss`` and ``Stepper.take`` run it: ``training_session(gradient_checkpointing)``, then under autocast
 ``encode_prompts`` (the fp32 vectors spliced into the token embeddings) and ``predict``, the fp32 MSE loss,
 ``backward`` and AdamW on the vectors. A ``TorchDispatchMode`` sees every tensor an op creates and counts its
 storage once while it lives (weakref finalizers), rounded up to 512 bytes as the CUDA caching allocator rounds
@@ -651,7 +651,7 @@ class CachingEstimate:
 def estimate_latent_caching(
     model: str, *, resolution: int | None = None, images: int = 4, dtype: str = "fp16", fake: bool = True
 ) -> CachingEstimate:
-    """Peak of filling the latent cache before the first step: ``Trainer._encode`` (chunks of 4 images, no grad,
+    """Peak of filling the latent cache before the first step: ``Objective.fill_cache`` (chunks of 4 images, no grad,
     no autocast) through ``DiffusersHost.encode_images`` with the fp32 VAE, while the UNet and text encoders are
     already on the device."""
     resolution = resolution or archs.RESOLUTION[model]

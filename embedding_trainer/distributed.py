@@ -3,7 +3,7 @@
 ``torchrun`` starts the processes (one per GPU, or a few on a CPU machine, on one node or several) and sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; nothing here starts or watches a process.
 
-- **Data-parallel** (``Trainer(..., processes=...)``): every process holds the whole model and the same vectors and
+- **Data-parallel** (``prepare_run(config, processes)``): every process holds the whole model and the same vectors and
   takes its share of every micro-batch: its rows of the very batch one process would draw (the same images, prompts,
   noise and timesteps, since every draw depends only on the seed and the micro-batch index). Its loss is its rows'
   sum over the whole batch's size, so the shares add up to the batch's mean; one all-reduce per step sums the

@@ -1,8 +1,8 @@
 """The standalone command line: ``python -m embedding_trainer COMMAND`` (train, jobs, render, inspect, convert, demo,
 make-tiny-model, export-a1111).
 
-Training flags are generated from ``TrainConfig``'s fields, so the CLI, the saved run config and (later) the
-WebUI and API accept the same names and values.
+Training flags are generated from ``TrainConfig``'s fields, so the CLI, the saved run config, the WebUI tab and the
+HTTP API accept the same names and values. The run itself is driven by ``driver.py``.
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ class Objective:
         done = 0
         generator = torch.Generator().manual_seed(seeded(self.config.seed, "latent-once", 0))
         # On a GPU, one image per VAE call: four at 1024 px would make caching the run's memory peak (estimated for
-        # SDXL: 16.7 GiB, against 8.4 for the step with checkpointing; benchmarks/RESULTS.md). RAM has room for four.
+        # SDXL: 16.7 GiB with four per call, 9.1 with one, against 7.1 for a batch-1 step with checkpointing;
+        # benchmarks/RESULTS.md). RAM has room for four.
         per_call = 4 if self.device.type == "cpu" else 1
         for group in by_size.values():
             for start in range(0, len(group), per_call):
