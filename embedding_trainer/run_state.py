@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .embedding_file import write_atomically
+from .atomic_write import write_atomically
 from .errors import ConfigError
 
 STATE_SUFFIX = ".state.safetensors"

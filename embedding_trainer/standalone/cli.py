@@ -202,7 +202,7 @@ def _quiet_libraries() -> None:
 def _render(args: argparse.Namespace) -> Path:
     import io
 
-    from ..embedding_file import write_atomically
+    from ..atomic_write import write_atomically
     from ..tools.render import render_grid
 
     out = Path(args.out)
@@ -281,11 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "render":
             print(_render(args))
         elif args.command == "inspect":
-            from ..embedding_file import format_inspection, inspect_embedding
+            from ..embedding_inspection import format_inspection, inspect_embedding
 
             print(format_inspection(inspect_embedding(args.file)))
         elif args.command == "convert":
-            from ..embedding_file import convert_embedding
+            from ..embedding_inspection import convert_embedding
 
             print(convert_embedding(args.input, args.output, overwrite=args.overwrite, picture=args.picture))
         elif args.command == "demo":

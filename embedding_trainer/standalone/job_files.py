@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic_write import write_atomically
 from ..config import TrainConfig
 from ..distributed import JobQueue, Processes
-from ..embedding_file import write_atomically
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..log import format_duration, logger
 from ..run_state import STATE_SUFFIX

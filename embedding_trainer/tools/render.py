@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from ..embedding_file import load_embedding
+from ..embedding_reading import load_embedding
 from ..errors import EmbeddingFileError, HostError
 from ..host import EncoderInfo
 from ..trainer import resolve_device

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_write import write_atomically
 from ..config import TrainConfig
 from ..dataset import ScanResult, TrainingSet
-from ..embedding_file import write_atomically
 from ..host import Host
 from ..initialization import SD1_TABLE_SCALE, prompt_word_norm, table_scale
 from ..templates import AUTO_TEMPLATE, PromptBuilder

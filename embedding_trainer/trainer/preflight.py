@@ -21,7 +21,7 @@ import torch
 from ..config import TrainConfig
 from ..dataset import ScanResult, scan_dataset
 from ..distributed import Processes
-from ..embedding_file import load_embedding
+from ..embedding_reading import load_embedding
 from ..errors import ConfigError, EmbeddingFileError
 from ..host import Host
 from ..log import logger

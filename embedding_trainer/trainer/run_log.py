@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from ..atomic_write import write_atomically
 from ..config import TrainConfig
-from ..embedding_file import write_atomically
 from ..errors import TrainingError
 from .events import Callbacks, Progress
 

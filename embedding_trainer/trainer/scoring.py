@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..config import TrainConfig
-from ..embedding_file import load_embedding
+from ..embedding_reading import load_embedding
 from ..errors import ConfigError
 from ..host import Host
 from ..initialization import init_candidates, random_vectors, vectors_from_encoder_output, vectors_from_text

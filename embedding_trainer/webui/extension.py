@@ -9,7 +9,8 @@ import contextlib
 import os
 from typing import Any
 
-from ..embedding_file import file_sha256, load_embedding
+from ..embedding_file import file_sha256
+from ..embedding_reading import load_embedding
 from ..hosts.a1111 import A1111Host
 from ..hosts.forge import ForgeHost
 from ..log import logger
@@ -17,7 +18,8 @@ from ..trainer import TrainResult, output_path
 from . import host_symbols
 from .api import basic_auth_dependency, register_routes
 from .previews import PreviewRenderer
-from .run_manager import RunManager, RunRecord
+from .run_manager import RunManager
+from .run_record import RunRecord
 from .state_bridge import SharedStateBridge
 from .tab import build_tab
 

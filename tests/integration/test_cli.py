@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from embedding_trainer.config import TrainConfig
-from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
+from embedding_trainer.embedding_file import EmbeddingData, file_sha256, save_embedding
+from embedding_trainer.embedding_reading import load_embedding
 from embedding_trainer.log import logger
 from embedding_trainer.standalone import cli, driver
 from tests.helpers import train_args

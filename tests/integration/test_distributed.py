@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from embedding_trainer.distributed import Processes
-from embedding_trainer.embedding_file import load_embedding
+from embedding_trainer.embedding_reading import load_embedding
 from embedding_trainer.errors import ConfigError
 from embedding_trainer.losses import denoising_loss
 from embedding_trainer.run_state import find_state, load_state

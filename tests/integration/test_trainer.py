@@ -18,7 +18,8 @@ import torch
 from embedding_trainer import dataset
 from embedding_trainer import trainer as trainer_module
 from embedding_trainer.config import TrainConfig
-from embedding_trainer.embedding_file import EmbeddingData, load_embedding, save_embedding
+from embedding_trainer.embedding_file import EmbeddingData, save_embedding
+from embedding_trainer.embedding_reading import load_embedding
 from embedding_trainer.errors import ConfigError, DatasetError, EmbeddingFileError, TrainingError
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.run_state import find_state

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_trainer.embedding_file import load_embedding
+from embedding_trainer.embedding_reading import load_embedding
 from tests.helpers import make_images
 from tests.webui import (
     CAT,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from embedding_trainer.config import TrainConfig
-from embedding_trainer.embedding_file import load_embedding
+from embedding_trainer.embedding_reading import load_embedding
 from embedding_trainer.hosts.diffusers_host import DiffusersHost
 from embedding_trainer.trainer import Trainer, prepare_run
 from tests.helpers import make_images

@@ -26,7 +26,8 @@ import pytest
 import torch
 from PIL import Image
 
-from embedding_trainer.embedding_file import EmbeddingData, file_sha256, load_embedding, save_embedding
+from embedding_trainer.embedding_file import EmbeddingData, file_sha256, save_embedding
+from embedding_trainer.embedding_reading import load_embedding
 from tests.helpers import make_images
 from tests.webui import (
     CAT,

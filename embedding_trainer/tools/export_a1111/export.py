@@ -61,7 +61,7 @@ def export_a1111(
     """
     from safetensors.torch import save as safetensors_save
 
-    from ...embedding_file import write_atomically
+    from ...atomic_write import write_atomically
 
     paths = output_paths(out_path)
     existing = [p for p in paths if p.exists()]

@@ -94,7 +94,7 @@ def _text_encoder_config_json(config: Mapping[str, Any]) -> str:
 
 
 def write_text_encoder_folder(parts: ModelParts, folder: Path, *, overwrite: bool, dtype: torch.dtype | None) -> None:
-    from ...embedding_file import write_atomically
+    from ...atomic_write import write_atomically
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = convert_clip_text(parts.text_encoder)

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import torch
 
-from ...embedding_file import write_atomically
+from ...atomic_write import write_atomically
 from .architecture import build_scheduler, build_vae
 from .plan import BaseModelError, Plan, check_plan
 
