@@ -22,7 +22,8 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, DatasetError, EmbeddingFileError
-from .run_manager import PreviewOptions, RunActiveError, RunManager, RunNotActiveError, RunNotFoundError, config_schema
+from .run_manager import RunActiveError, RunManager, RunNotActiveError, RunNotFoundError
+from .run_options import PreviewOptions, config_schema
 
 PREFIX = "/embtrain/v1"
 

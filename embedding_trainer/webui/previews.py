@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..templates import preview_prompt
-from .run_manager import RunRecord
+from .run_record import RunRecord
 
 PREVIEW_SAMPLER = "Euler a"
 PREVIEW_CFG_SCALE = 7.0

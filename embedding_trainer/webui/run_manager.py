@@ -1,104 +1,36 @@
 """Training runs inside the WebUI process: one at a time, each recorded from queued to finished, stopped or failed.
 
-``RunManager`` owns the runs. Everything it needs from the host comes in through its constructor (the model
-adapter, the GPU queue lock, the progress bar / Interrupt bridge, previews), so tests pass stand-ins and this
-module never imports the WebUI. Every error a run meets is kept on its record (``state`` ``failed`` and an
-``error`` text), so the API and the tab show it; nothing is reported only on the console.
+``RunManager`` owns the runs (``run_record`` holds what is known about each). Everything it needs from the host
+comes in through its constructor (the model adapter, the GPU queue lock, the progress bar / Interrupt bridge,
+previews), so tests pass stand-ins and this module never imports the WebUI. Every error a run meets is kept on its
+record (``state`` ``failed`` and an ``error`` text), so the API and the tab show it; nothing is reported only on
+the console.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 
-from ..config import TrainConfig, field_kind
+from ..config import TrainConfig
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..host import Host
 from ..log import format_duration, logger
 from ..trainer import Callbacks, PreparedRun, Progress, Trainer, TrainResult, prepare_run
+from .run_options import PreviewOptions
+from .run_record import RunRecord, describe_model
 
 T = TypeVar("T")
 
-#: Loss points kept per run (the newest); enough for a chart, bounded for long runs.
-LOSS_HISTORY_POINTS = 2000
 #: Finished runs kept in memory (the newest).
 HISTORY_RUNS = 50
-STATES = ("queued", "running", "finished", "stopped", "failed")
-ACTIVE_STATES = frozenset({"queued", "running"})
-
-
-@dataclass(frozen=True)
-class PreviewOptions:
-    """Preview images of a run: every ``every`` steps (0: none), one image of ``prompt`` with a fixed seed.
-
-    An empty ``prompt`` means the first line of the run's template with the trigger in place. These are options of
-    the run, not of the training, so they live beside ``TrainConfig`` rather than in it.
-    """
-
-    every: int = 0
-    prompt: str = ""
-    seed: int = 1
-    steps: int = 20
-
-    @classmethod
-    def pop_from(cls, body: dict[str, Any]) -> PreviewOptions:
-        """Take the ``preview_*`` keys out of a request body and validate them (``ConfigError`` names the key)."""
-        values: dict[str, Any] = {}
-        for option in RUN_OPTIONS:
-            key = option["name"]
-            if key not in body:
-                continue
-            value = body.pop(key)
-            kind = option["type"]
-            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(key, f"{value!r} has type {type(value).__name__}; expected int")
-            if kind == "str" and not isinstance(value, str):
-                raise ConfigError(key, f"{value!r} has type {type(value).__name__}; expected str")
-            if option["min"] is not None and value < option["min"]:
-                raise ConfigError(key, f"{value!r} is below the minimum {option['min']}")
-            if option["max"] is not None and value > option["max"]:
-                raise ConfigError(key, f"{value!r} is above the maximum {option['max']}")
-            values[key.removeprefix("preview_")] = value
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f"preview_{k}": v for k, v in self.__dict__.items()}
-
-
-def _run_option(
-    name: str, kind: str, default: Any, text: str, minimum: int | None, maximum: int | None = None
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": kind,
-        "default": default,
-        "help": text,
-        "choices": None,
-        "min": minimum,
-        "max": maximum,
-        "min_exclusive": None,
-        "accepts_number": False,
-    }
-
-
-#: Options of a run that are not part of ``TrainConfig`` (described like its fields, for forms and the API).
-RUN_OPTIONS: tuple[dict[str, Any], ...] = (
-    _run_option("preview_every", "int", 0, "Render a preview image every N steps (0: off).", 0),
-    _run_option(
-        "preview_prompt", "str", "", "Prompt of the previews; empty: the template's first line with the trigger.", None
-    ),
-    _run_option("preview_seed", "int", 1, "Seed of the previews (the same for every preview of a run).", 0, 2**32 - 1),
-    _run_option("preview_steps", "int", 20, "Sampling steps of each preview.", 1, 150),
-)
 
 
 class StateBridge(Protocol):
@@ -128,7 +60,7 @@ def new_thread_launcher(name: str) -> Launcher:
 
 #: ``preview(record, step)`` renders the run's preview images with its vectors as they are now and returns the
 #: files it wrote.
-PreviewFn = Callable[["RunRecord", int], list[Path]]
+PreviewFn = Callable[[RunRecord, int], list[Path]]
 
 
 class RunActiveError(EmbeddingTrainerError):
@@ -149,87 +81,6 @@ class RunNotFoundError(EmbeddingTrainerError, LookupError):
 
 class RunNotActiveError(EmbeddingTrainerError):
     """A stop was asked for a run that has already ended, or when no run is active."""
-
-
-@dataclass
-class RunRecord:
-    """Everything known about one run. Mutated only under the manager's lock."""
-
-    id: str
-    config: TrainConfig
-    preview: PreviewOptions = field(default_factory=PreviewOptions)
-    state: str = "queued"
-    step: int = 0
-    total_steps: int = 0
-    epoch: int = 0
-    loss: float | None = None
-    smoothed_loss: float | None = None
-    learning_rate: float | None = None
-    it_per_s: float | None = None
-    eta_s: float | None = None
-    status_text: str = "queued: waiting for the GPU"
-    error: str | None = None
-    error_type: str | None = None
-    error_field: str | None = None
-    result: dict[str, Any] | None = None
-    model: dict[str, Any] | None = None  # what the run trains on: name, family, prediction type, encoders
-    previews: list[tuple[int, str]] = field(default_factory=list)  # (step, image file)
-    warnings: list[str] = field(default_factory=list)
-    loss_history: deque[tuple[int, float, float]] = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY_POINTS))
-    stop_requested: bool = False
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    task_id: str | None = None  # the WebUI task that started it (the tab's page follows its own run by this id)
-    cpu_threads: str | None = None  # the CPU thread setup of the run's loop, and why (None: not decided yet)
-    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out score), ``eval_every``
-    ended: threading.Event = field(default_factory=threading.Event, repr=False)  # set once the run is over
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_STATES
-
-    def to_dict(self, history: bool = True) -> dict[str, Any]:
-        """A JSON-ready copy (non-finite numbers become ``None``); ``history`` adds the loss points."""
-        end = self.finished_at if self.finished_at is not None else time.time()
-        data: dict[str, Any] = {
-            "id": self.id,
-            "name": self.config.name,
-            "state": self.state,
-            "active": self.active,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch,
-            "loss": self.loss,
-            "smoothed_loss": self.smoothed_loss,
-            "learning_rate": self.learning_rate,
-            "it_per_s": self.it_per_s,
-            "eta_s": self.eta_s,
-            "elapsed_s": end - self.started_at if self.started_at is not None else None,
-            "status_text": self.status_text,
-            "error": self.error,
-            "error_type": self.error_type,
-            "error_field": self.error_field,
-            "result": dict(self.result) if self.result is not None else None,
-            "model": dict(self.model) if self.model is not None else None,
-            "previews": [path for _, path in self.previews],
-            "preview_at_steps": [step for step, _ in self.previews],
-            **self.preview.to_dict(),
-            "warnings": list(self.warnings),
-            "resolution": self.config.resolution or None,  # 0 until the run has resolved the checkpoint's own
-            "task_id": self.task_id,
-            "cpu_threads": self.cpu_threads,
-            "held_out_loss": self.evaluations[-1][1] if self.evaluations else None,
-            "stop_requested": self.stop_requested,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "config": self.config.to_dict(),
-        }
-        if history:
-            data["loss_history"] = [list(point) for point in self.loss_history]
-            data["held_out_history"] = [list(point) for point in self.evaluations]
-        return _json_safe(data)
 
 
 class RunManager:
@@ -472,34 +323,14 @@ class RunManager:
         def on_progress(progress: Progress) -> None:
             text = progress_text(progress)
             with self._lock:
-                record.step = progress.step
-                record.total_steps = progress.total_steps
-                record.epoch = progress.epoch
-                record.loss = progress.loss
-                record.smoothed_loss = progress.smoothed_loss
-                record.learning_rate = progress.learning_rate
-                record.it_per_s = progress.it_per_s
-                record.eta_s = progress.eta_s
-                record.loss_history.append((progress.step, progress.loss, progress.smoothed_loss))
-                if not record.stop_requested:
-                    record.status_text = text
+                record.apply_progress(progress, text)
             if bridge is not None:
                 bridge.update(progress, text)
 
         def on_status(text: str) -> None:
             with self._lock:
                 record.status_text = text
-                progress = Progress(
-                    step=record.step,
-                    total_steps=record.total_steps,
-                    epoch=record.epoch,
-                    loss=_number(record.loss),
-                    smoothed_loss=_number(record.smoothed_loss),
-                    learning_rate=_number(record.learning_rate),
-                    it_per_s=record.it_per_s or 0.0,
-                    eta_s=_number(record.eta_s),
-                    elapsed_s=time.time() - (record.started_at or time.time()),
-                )
+                progress = record.last_progress()
             if bridge is not None:
                 bridge.update(progress, text)
 
@@ -536,46 +367,15 @@ class RunManager:
 
     def _succeed(self, record: RunRecord, result: TrainResult) -> None:
         with self._lock:
-            record.result = {
-                "embedding_path": str(result.embedding_path),
-                "run_dir": str(result.run_dir),
-                "steps": result.steps,
-                "embedding_step": result.embedding_step,
-                "final_loss": result.final_loss,
-                "smoothed_loss": result.smoothed_loss,
-                "elapsed_s": result.elapsed_s,
-                "stopped": result.stopped,
-                "early_stopped": result.early_stopped,
-                "vectors_step": result.vectors_step,  # the run step whose vectors the file holds
-                "held_out_loss": result.held_out_loss,  # their held-out score
-                "init_choice": result.init_choice,
-                "start_scores": result.start_scores,  # ``starts``: each start's held-out score
-                "chosen_start": result.chosen_start,  # the one carried on (1-based; 0: one start)
-                "extra_paths": [str(p) for p in result.extra_paths],
-            }
-            record.step = result.steps
-            record.cpu_threads = result.cpu_threads.describe() if result.cpu_threads else None
-            record.state = "stopped" if result.stopped else "finished"
-            verb = "stopped at" if result.stopped else "finished after"
-            if result.early_stopped:
-                verb = "stopped early (the held-out score stopped improving) after"
-            record.status_text = f"{verb} step {result.steps}; saved {result.embedding_path}"
-            if result.vectors_step != result.steps:
-                record.status_text += f" (step {result.vectors_step}'s vectors: the best held-out score)"
-            record.finished_at = time.time()
+            record.finish(result)
         logger.info("run %s %s", record.id, record.status_text)
 
     def _fail(self, record: RunRecord, error: BaseException) -> None:
-        text = f"{type(error).__name__}: {error}"
         with self._lock:
             if not record.active:  # already recorded (or stopped while queued)
                 return
-            record.state = "failed"
-            record.error = text
-            record.error_type = type(error).__name__
-            record.error_field = getattr(error, "field", None) if isinstance(error, EmbeddingTrainerError) else None
-            record.status_text = f"failed: {text}"
-            record.finished_at = time.time()
+            record.fail(error)
+            text = record.error
         expected = isinstance(error, EmbeddingTrainerError) and (
             error.__cause__ is None or isinstance(error.__cause__, EmbeddingTrainerError)
         )
@@ -615,15 +415,6 @@ class RunManager:
             self._warn(record, f"after the run: {type(error).__name__}: {error}")
 
 
-def describe_model(host: Host) -> dict[str, Any]:
-    return {
-        "name": host.model_name,
-        "family": host.family,
-        "prediction_type": host.prediction_type,
-        "encoders": {e.key: e.width for e in host.encoders},
-    }
-
-
 def progress_text(progress: Progress) -> str:
     """One line for the host's progress text: step, loss, speed and time left."""
     eta = format_duration(progress.eta_s)
@@ -631,43 +422,3 @@ def progress_text(progress: Progress) -> str:
         f"step {progress.step}/{progress.total_steps}, loss {progress.loss:.4g} "
         f"(smoothed {progress.smoothed_loss:.4g}), {progress.it_per_s:.2f} it/s, {eta} left"
     )
-
-
-def config_schema() -> dict[str, Any]:
-    """Every ``TrainConfig`` field (name, type, default, help, choices, limits) and the run options, JSON-ready.
-
-    ``accepts_number``: the field is a string that also takes a number (``learning_rate``). ``min_exclusive``: the
-    value must be greater than this. ``required``: fields that must be set before a run starts.
-    """
-    fields = []
-    for f in TrainConfig.fields():
-        meta = f.metadata
-        fields.append(
-            {
-                "name": f.name,
-                "type": field_kind(f),
-                "default": f.default,
-                "help": meta.get("help", ""),
-                "choices": list(meta["choices"]) if meta.get("choices") else None,
-                "min": meta.get("min"),
-                "max": meta.get("max"),
-                "min_exclusive": meta.get("min_exclusive"),
-                "accepts_number": bool(meta.get("accepts_number", False)),
-            }
-        )
-    return {"fields": fields, "run_options": [dict(o) for o in RUN_OPTIONS], "required": ["name", "images"]}
-
-
-def _number(value: float | None) -> float:
-    return float("nan") if value is None else value
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become ``None`` (JSON has no NaN or infinity); containers are copied."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -20,7 +20,7 @@ from ..config import NAME_PATTERN, TrainConfig, field_kind
 from ..errors import EmbeddingTrainerError
 from ..log import format_duration
 from ..templates import builtin_template_names
-from .run_manager import RUN_OPTIONS, PreviewOptions
+from .run_options import RUN_OPTIONS, PreviewOptions
 
 TAB_TITLE = "Embedding Trainer"
 TAB_ID = "embtrain_tab"

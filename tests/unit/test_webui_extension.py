@@ -29,7 +29,8 @@ from embedding_trainer.host import EncoderInfo  # noqa: E402
 from embedding_trainer.hosts.a1111 import A1111Host
 from embedding_trainer.trainer import TrainResult  # noqa: E402
 from embedding_trainer.webui import extension, host_symbols  # noqa: E402
-from embedding_trainer.webui.run_manager import PreviewOptions, RunRecord  # noqa: E402
+from embedding_trainer.webui.run_options import PreviewOptions  # noqa: E402
+from embedding_trainer.webui.run_record import RunRecord  # noqa: E402
 
 pytestmark = pytest.mark.compat
 ROOT = Path(__file__).resolve().parents[2]
