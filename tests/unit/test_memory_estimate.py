@@ -1,5 +1,6 @@
-"""The GPU-less memory estimator (benchmarks/memory_estimate.py) on tiny models: it runs, it counts what torch
-allocates, it emulates CUDA's autocast, and gradient checkpointing lowers what it reports."""
+"""The GPU-less memory estimator (benchmarks/memory_estimate.py, over benchmarks/fake_cuda.py and
+benchmarks/training_step.py) on tiny models: it runs, it counts what torch allocates, it emulates CUDA's autocast, and
+gradient checkpointing lowers what it reports."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def test_published_configs_have_the_published_parameter_counts(
     """benchmarks/archs.py's configs are the released models' (fake weights: nothing is allocated)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    built = me.build(model, torch.float16, FakeTensorMode(allow_non_fake_inputs=True))
+    from benchmarks.training_step import build
+
+    built = build(model, torch.float16, FakeTensorMode(allow_non_fake_inputs=True))
     assert built.unet_params == unet
     assert [sum(p.numel() for p in e.parameters()) for e in built.host.text_encoders] == text_encoders
     assert built.vae_params == 83_653_863
@@ -84,17 +87,21 @@ def test_emulated_autocast_matches_torchs_cuda_autocast(me: ModuleType):
     assert any(key.startswith("scaled_dot_product_attention(") for key in check.checked)
 
 
-def test_the_policy_is_removed_on_exit(me: ModuleType):
+def test_the_policy_is_removed_on_exit():
+    from benchmarks.fake_cuda import cuda_autocast_policy
+
     x = torch.randn(1, 8, 4, 4, dtype=torch.float16)
     with torch.autocast("cpu", dtype=torch.float16):
-        with me.cuda_autocast_policy():
+        with cuda_autocast_policy():
             assert torch.nn.functional.group_norm(x, 4).dtype == torch.float32
         assert torch.nn.functional.group_norm(x, 4).dtype == torch.float16
 
 
 def test_latent_caching_counts_the_fp32_vae_and_its_activations(me: ModuleType):
+    from benchmarks.training_step import build
+
     one, four = (me.estimate_latent_caching("tiny", resolution=128, images=n) for n in (1, 4))
-    built = me.build("tiny", torch.float16, None, with_vae=True)
+    built = build("tiny", torch.float16, None, with_vae=True)
     assert one.start_bytes >= built.weight_bytes + built.vae_params * 4  # the VAE is resident, in fp32
     assert one.start_bytes < one.peak_bytes < four.peak_bytes
 
