@@ -4,7 +4,8 @@ The shapes are those of the released models (UNet, CLIP text encoders, VAE), so 
 costs on the real weights; the weights themselves are the libraries' default random initialisation. The UNet and
 text encoders are built directly on the target device and cast to the compute dtype right after; the VAE (used
 once per image to fill the latent cache) stays fp32, as ``DiffusersHost.from_pretrained`` keeps it. Built on the
-meta device, nothing is allocated (``benchmarks/training_step.py`` turns such models into fake tensors for the memory estimate).
+meta device, nothing is allocated (``benchmarks/training_step.py`` turns such models into fake tensors for the
+memory estimate).
 """
 
 from __future__ import annotations
