@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +21,15 @@ from ..log import format_duration, logger
 
 if TYPE_CHECKING:  # torch is imported once a run starts, not for --help
     from ..distributed import Processes
+    from ..trainer import Callbacks
 
 
 class ProgressBar:
     """Progress on stderr: on a terminal one status line redrawn in place (bar, step, loss, rate, ETA); otherwise
-    (a log file, a pipe, CI) a plain line every twentieth of the run or every 30 seconds."""
+    (a log file, a pipe, CI) a plain line every twentieth of the run or every 30 seconds.
+
+    Not tqdm: it has no plain-line mode for logs (it writes carriage returns into a file, or nothing), and the
+    trainer hands over progress in bursts with its own rate and ETA, which tqdm would recompute from arrival times."""
 
     LINES_PER_RUN = 20
     PLAIN_EVERY_S = 30.0
@@ -114,6 +119,21 @@ def _resume_command(model: str, run_dir: Path, processes: Processes) -> str:
     return shlex.join([*launcher, "embedding_trainer", "train", "--model", model, "--resume", str(run_dir)])
 
 
+def progress_callbacks(
+    bar: ProgressBar | None, should_stop: Callable[[], bool], on_warning: Callable[[str], None] | None = None
+) -> Callbacks:
+    """The command line's callbacks for a run (a single run or a job): progress on ``bar``, each held-out score as a
+    log line, and the stop signal."""
+    from ..trainer import Callbacks
+
+    def on_evaluation(step: int, score: float) -> None:
+        if bar is not None:
+            bar.end_line()
+        logger.info("step %d: held-out loss %.4f (fixed views of the images; lower is better)", step, score)
+
+    return Callbacks(on_progress=bar, should_stop=should_stop, on_evaluation=on_evaluation, on_warning=on_warning)
+
+
 def load_host(model: str, device: Any, precision: str, where: str = "") -> Any:
     """The diffusers model folder ``model`` as a host on ``device``, its weights in ``precision``'s dtype."""
     from ..hosts.diffusers_host import DiffusersHost
@@ -134,7 +154,7 @@ def run_training(
     """
     from ..distributed import Processes
     from ..run_state import STATE_SUFFIX
-    from ..trainer import Callbacks, Trainer, prepare_run
+    from ..trainer import Trainer, prepare_run
 
     processes = processes or Processes()
     # Checked and read before minutes of model loading; the model is loaded where the run was prepared for.
@@ -143,13 +163,7 @@ def run_training(
     device, precision = prepared.placement.device, prepared.placement.precision
     stop = StopSignals(processes)
     bar = ProgressBar() if show_progress and processes.writes_files else None
-
-    def on_evaluation(step: int, score: float) -> None:
-        if bar is not None:
-            bar.end_line()
-        logger.info("step %d: held-out loss %.4f (fixed views of the images; lower is better)", step, score)
-
-    callbacks = Callbacks(on_progress=bar, should_stop=lambda: stop.asked, on_evaluation=on_evaluation)
+    callbacks = progress_callbacks(bar, lambda: stop.asked)
     trainer: Trainer | None = None
     problem: BaseException | None = None
     try:

@@ -30,7 +30,7 @@ from ..distributed import JobQueue, Processes
 from ..errors import ConfigError, EmbeddingTrainerError
 from ..log import format_duration, logger
 from ..run_state import STATE_SUFFIX
-from .driver import ProgressBar, load_host
+from .driver import ProgressBar, load_host, progress_callbacks
 
 #: Left in a job's run folder when the job has finished; a later run of the job file skips the job.
 JOB_RESULT = "job-result.json"
@@ -170,7 +170,7 @@ def _plan(config: TrainConfig, head: str) -> tuple[TrainConfig | None, str]:
 
 def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_stop: Any) -> JobResult:
     """One job as an ordinary run on this process's device; never raises for the job's own failures."""
-    from ..trainer import Callbacks, Trainer, prepare_run
+    from ..trainer import Trainer, prepare_run
 
     head = f"job {job.line}" if job.label == f"line {job.line}" else f"job '{job.label}' (line {job.line})"
     result = JobResult(line=job.line, name=job.label, status="failed", process=processes.rank)
@@ -196,7 +196,7 @@ def run_job(job: Job, count: int, processes: Processes, hosts: _Hosts, should_st
             result.status = "not started"
             return result
         logger.info("%s of %d: %s", head, count, what)
-        callbacks = Callbacks(on_progress=bar, should_stop=should_stop, on_warning=result.warnings.append)
+        callbacks = progress_callbacks(bar, should_stop, on_warning=result.warnings.append)
         try:
             trainer = Trainer(prepared, host, callbacks)
         except ConfigError as error:
