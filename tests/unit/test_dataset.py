@@ -171,7 +171,7 @@ def test_captions(tmp_path: Path) -> None:
 
 
 def test_corrupt_and_truncated_files_are_listed_and_skipped(tmp_path: Path, monkeypatch) -> None:
-    """Listed as problems, which the caller reports (a run: as its warnings, see test_webui_run_manager_api)."""
+    """Listed as problems, which the caller reports (a run: as its warnings, see tests/integration/webui_api)."""
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
     _save(tmp_path / "good.png")
     (tmp_path / "garbage.png").write_bytes(b"this is not an image at all")

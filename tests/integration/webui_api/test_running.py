@@ -1,7 +1,8 @@
 """Runs through the WebUI's HTTP API while they run: one at a time under the queue lock, stopping (by the API, the
 host's Interrupt button, or while queued), and failures inside a run reaching the API.
 
-The API runs on the tiny SD1 model through FastAPI's TestClient; ``tests/run_manager_api.py`` has the stand-ins.
+The API runs on the tiny SD1 model through FastAPI's TestClient; ``stand_ins.py`` has the stand-ins, ``conftest.py``
+the fixtures.
 """
 
 from __future__ import annotations
@@ -25,30 +26,16 @@ from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.trainer import Progress  # noqa: E402
 from embedding_trainer.webui.run_manager import RunActiveError  # noqa: E402
 from embedding_trainer.webui.run_record import RunRecord  # noqa: E402
-from tests.run_manager_api import (  # noqa: E402
+from tests.integration.webui_api.stand_ins import (  # noqa: E402
     V1,
     WAIT_S,
     RecordingBridge,
-    api_servers,
     body,
     start,
-    tiny_host,
     wait_done,
 )
 
 pytestmark = pytest.mark.compat
-
-
-@pytest.fixture(scope="module")
-def host() -> DiffusersHost:
-    return tiny_host()
-
-
-@pytest.fixture
-def api(host):
-    """``api(**manager_options) -> (client, manager)``; every manager is closed after the test."""
-    with api_servers(host) as build:
-        yield build
 
 
 class GateBridge(RecordingBridge):

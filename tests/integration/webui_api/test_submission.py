@@ -1,7 +1,8 @@
 """Submitting a run to the WebUI's HTTP API: what is refused before anything is queued (422 naming the field, 404,
 409 for an existing embedding), the credentials every route asks for, and the config schema.
 
-The API runs on the tiny SD1 model through FastAPI's TestClient; ``tests/run_manager_api.py`` has the stand-ins.
+The API runs on the tiny SD1 model through FastAPI's TestClient; ``stand_ins.py`` has the stand-ins, ``conftest.py``
+the fixtures.
 """
 
 from __future__ import annotations
@@ -16,23 +17,10 @@ pytest.importorskip("httpx")  # FastAPI's TestClient needs it
 
 from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.errors import ConfigError  # noqa: E402
-from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.webui.api import basic_auth_dependency  # noqa: E402
-from tests.run_manager_api import V1, api_servers, body, tiny_host  # noqa: E402
+from tests.integration.webui_api.stand_ins import V1, body  # noqa: E402
 
 pytestmark = pytest.mark.compat
-
-
-@pytest.fixture(scope="module")
-def host() -> DiffusersHost:
-    return tiny_host()
-
-
-@pytest.fixture
-def api(host):
-    """``api(**manager_options) -> (client, manager)``; every manager is closed after the test."""
-    with api_servers(host) as build:
-        yield build
 
 
 # ---------------------------------------------------------------------------------------------------------------

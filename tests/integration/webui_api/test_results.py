@@ -1,7 +1,8 @@
 """What a run reports through the WebUI's HTTP API: its status from the first step to the result, the loss history,
 warnings, previews, and the list of remembered runs.
 
-The API runs on the tiny SD1 model through FastAPI's TestClient; ``tests/run_manager_api.py`` has the stand-ins.
+The API runs on the tiny SD1 model through FastAPI's TestClient; ``stand_ins.py`` has the stand-ins, ``conftest.py``
+the fixtures.
 """
 
 from __future__ import annotations
@@ -20,34 +21,19 @@ from PIL import Image  # noqa: E402
 from embedding_trainer.config import TrainConfig  # noqa: E402
 from embedding_trainer.embedding_reading import load_embedding  # noqa: E402
 from embedding_trainer.errors import HostError  # noqa: E402
-from embedding_trainer.hosts.diffusers_host import DiffusersHost  # noqa: E402
 from embedding_trainer.webui import run_record  # noqa: E402
 from embedding_trainer.webui.run_manager import RunNotFoundError  # noqa: E402
 from embedding_trainer.webui.run_record import RunRecord  # noqa: E402
-from tests.run_manager_api import (  # noqa: E402
+from tests.integration.webui_api.stand_ins import (  # noqa: E402
     V1,
     WORKER_ROUTE,
     RecordingBridge,
-    api_servers,
     body,
     start,
-    tiny_host,
     wait_done,
 )
 
 pytestmark = pytest.mark.compat
-
-
-@pytest.fixture(scope="module")
-def host() -> DiffusersHost:
-    return tiny_host()
-
-
-@pytest.fixture
-def api(host):
-    """``api(**manager_options) -> (client, manager)``; every manager is closed after the test."""
-    with api_servers(host) as build:
-        yield build
 
 
 # ---------------------------------------------------------------------------------------------------------------

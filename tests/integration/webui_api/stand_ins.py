@@ -1,9 +1,9 @@
-"""What the tests of the WebUI run manager and its HTTP API share (``tests/integration/test_webui_run_manager_api_*``):
-the API served by FastAPI's TestClient on the tiny SD1 model, no WebUI needed. Not a test module.
+"""What the tests of the WebUI run manager and its HTTP API share (the tests in this folder): the API served by
+FastAPI's TestClient on the tiny SD1 model, no WebUI needed. Not a test module.
 
 Host pieces are stand-ins passed to ``RunManager``: the model adapter is the diffusers host over the tiny model,
 the GPU queue lock is a plain caller (or one that blocks until the test releases it), the progress bridge records
-what the WebUI's ``shared.state`` would receive. Each test module declares its ``host`` and ``api`` fixtures with
+what the WebUI's ``shared.state`` would receive. ``conftest.py`` makes the ``host`` and ``api`` fixtures from
 ``tiny_host`` and ``api_servers``.
 """
 
@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # FastAPI's TestClient needs it
+
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
