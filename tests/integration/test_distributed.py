@@ -25,7 +25,7 @@ from embedding_trainer.losses import denoising_loss
 from embedding_trainer.run_state import find_state, load_state
 from embedding_trainer.standalone.cli import main
 from embedding_trainer.standalone.job_files import load_jobs
-from tests.helpers import make_images
+from tests.helpers import make_images, train_args
 
 #: Each torchrun launch must end within this (a 2-process run here takes 6-10 s; the killed run is stopped sooner).
 LAUNCH_TIMEOUT_S = 120
@@ -64,25 +64,8 @@ def finish(process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT_S) -> tupl
 
 
 def run_args(model: Path, images: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--images",
-        str(images),
-        "--name",
-        "my-cat",
-        "--resolution",
-        "64",
-        "--output-dir",
-        str(root / "out"),
-        "--run-dir",
-        str(root / "run"),
-        "--device",
-        "cpu",
-        "--quiet",
-        *extra,
-    ]
+    """A short CPU run's ``train`` arguments, quiet (each caller gives its own ``--max-steps``)."""
+    return train_args(model, images, root, "--device", "cpu", "--quiet", *extra)
 
 
 def vectors(path: Path) -> dict[str, torch.Tensor]:
